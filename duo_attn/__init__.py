@@ -1,0 +1,17 @@
+"""DuoAttention for HuggingFace transformers: retrieval heads keep a full KV cache, streaming heads sink + recent."""
+
+from .kv_cache import DuoCache, DuoCacheError
+from .patch import disable_duo_attention, enable_duo_attention_eval
+from .patterns import PatternError, load_attn_pattern, save_attn_pattern, sparsify_attention_heads
+
+__all__ = [
+    "DuoCache",
+    "DuoCacheError",
+    "PatternError",
+    "disable_duo_attention",
+    "enable_duo_attention_eval",
+    "load_attn_pattern",
+    "save_attn_pattern",
+    "sparsify_attention_heads",
+]
+__version__ = "0.1.0"

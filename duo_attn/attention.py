@@ -1,0 +1,126 @@
+"""The attention function registered with transformers: one function for every supported architecture.
+
+With a `DuoCache` the cache hands over a `DuoKV` (retrieval heads' full cache, streaming heads' sink + recent slots,
+and the masks of the step); without one (``use_cache=False``, or a foreign cache) the same rule is applied to plain
+key/value tensors with explicit masks. Both paths use SDPA, which on CPU and GPU avoids materialising the repeated
+K/V of grouped-query attention (``enable_gqa``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .kv_cache import DuoKV, HeadLayout, select_heads
+from .masks import allowed_keys, positions_from_padding
+
+ATTENTION_NAME = "duo_attn"
+
+
+def duo_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor | DuoKV,
+    value: torch.Tensor | DuoKV,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: ``query [B, H, Q, D]`` in, ``[B, Q, H, D]`` out (no attention weights)."""
+    spec = getattr(module, "duo_layer_spec", None)
+    if spec is None:
+        raise RuntimeError(
+            f"attention module {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no duo "
+            "attention layout: enable it with enable_duo_attention_eval(model, pattern)"
+        )
+    if isinstance(key, DuoKV):
+        out = _attend_cached(query, key, scaling)
+    else:
+        out = _attend_uncached(query, key, value, attention_mask, spec, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def duo_padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """transformers mask interface: duo attention needs only the 2-D padding mask; the rule is applied per head."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:]
+
+
+def _sdpa(q, k, v, mask, is_causal: bool, scaling: float | None) -> torch.Tensor:
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+def _merge_heads(
+    query: torch.Tensor, layout: HeadLayout, retrieval_out: torch.Tensor | None, streaming_out: torch.Tensor | None
+) -> torch.Tensor:
+    """Put the two head groups' outputs back in the model's head order."""
+    if streaming_out is None:
+        return retrieval_out
+    if retrieval_out is None:
+        return streaming_out
+    out = query.new_empty(query.shape)
+    out[:, list(layout.query_heads(layout.retrieval_kv))] = retrieval_out
+    out[:, list(layout.query_heads(layout.streaming_kv))] = streaming_out
+    return out
+
+
+def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> torch.Tensor:
+    layout, step = kv.layout, kv.step
+    n_q = query.shape[1]
+    retrieval_out = streaming_out = None
+    if layout.retrieval_kv:
+        q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q)
+        retrieval_out = _sdpa(q, kv.full_keys, kv.full_values, step.retrieval_mask, step.retrieval_is_causal, scaling)
+    if layout.streaming_kv:
+        q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q)
+        streaming_out = _sdpa(q, kv.streaming_keys, kv.streaming_values, step.streaming_mask, False, scaling)
+    return _merge_heads(query, layout, retrieval_out, streaming_out)
+
+
+def _attend_uncached(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    padding_mask: torch.Tensor | None,
+    spec: LayerSpec,
+    scaling: float | None,
+) -> torch.Tensor:
+    """The rule on full key/value tensors (the queries are the last ``Q`` of ``K`` tokens)."""
+    layout, n_q, n_kv = spec.layout, query.shape[1], key.shape[1]
+    positions = positions_from_padding(padding_mask, key.shape[2], query.device)
+    query_pos = positions[:, -query.shape[2] :]
+    retrieval_out = streaming_out = None
+    if layout.retrieval_kv:
+        mask = allowed_keys(query_pos, positions)
+        q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q)
+        k, v = (select_heads(t, layout.retrieval_kv, n_kv) for t in (key, value))
+        retrieval_out = _sdpa(q, k, v, mask, False, scaling)
+    if layout.streaming_kv:
+        mask = allowed_keys(query_pos, positions, sink_size=spec.sink_size, recent_size=spec.recent_size)
+        q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q)
+        k, v = (select_heads(t, layout.streaming_kv, n_kv) for t in (key, value))
+        streaming_out = _sdpa(q, k, v, mask, False, scaling)
+    return _merge_heads(query, layout, retrieval_out, streaming_out)
+
+
+class LayerSpec:
+    """What the attention function needs to know about its layer; attached to the attention module by the patch."""
+
+    def __init__(self, layout: HeadLayout, sink_size: int, recent_size: int):
+        self.layout, self.sink_size, self.recent_size = layout, sink_size, recent_size
+
+    def __repr__(self) -> str:
+        return (
+            f"LayerSpec(retrieval_kv={self.layout.retrieval_kv}, streaming_kv={self.layout.streaming_kv}, "
+            f"sink={self.sink_size}, recent={self.recent_size})"
+        )

@@ -1,0 +1,393 @@
+"""The dual KV cache: a growing cache for retrieval heads, a constant sink + recent cache for streaming heads.
+
+`DuoCache` is a transformers `Cache` made of one `DuoCacheLayer` per decoder layer. What every layer shares (token
+positions, which streaming slot each new token goes to, the masks of the step) depends only on the tokens, not on
+the layer, so `DuoCache.begin_step` computes it once per forward pass and the layers only move tensors.
+
+Streaming slots: ``[0, sink_size)`` hold the first ``sink_size`` real tokens of each sequence (so left padding is
+never a sink); ``[sink_size, sink_size + recent_size)`` are a ring indexed by cache index, holding the last
+``recent_size`` tokens. A token in both places is kept in the sink slot only (its ring slot is marked empty).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .masks import allowed_keys, positions_from_padding
+
+GROWTH_BLOCK = 256  # retrieval caches grow in blocks of this many tokens, not by a concatenation per step
+
+
+class DuoCacheError(RuntimeError):
+    """An operation the dual cache cannot perform (for example cropping into tokens it has evicted)."""
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which KV heads of one layer are retrieval heads, and which query heads read them (GQA groups)."""
+
+    retrieval_kv: tuple[int, ...]
+    streaming_kv: tuple[int, ...]
+    num_kv_heads: int
+    groups: int
+
+    @classmethod
+    def from_mask(cls, retrieval_row: np.ndarray, num_q_heads: int) -> HeadLayout:
+        row = np.asarray(retrieval_row, dtype=bool)
+        num_kv = row.size
+        if num_q_heads % num_kv:
+            raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv} KV heads")
+        return cls(
+            tuple(int(h) for h in np.flatnonzero(row)),
+            tuple(int(h) for h in np.flatnonzero(~row)),
+            num_kv,
+            num_q_heads // num_kv,
+        )
+
+    def query_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(h * self.groups + g for h in kv_heads for g in range(self.groups))
+
+
+def select_heads(x: torch.Tensor, heads: tuple[int, ...], total: int) -> torch.Tensor:
+    """``x[:, heads]`` as a view when the heads are one contiguous run (the common case), else a gather."""
+    if len(heads) == total:
+        return x
+    if heads == tuple(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0] : heads[0] + len(heads)]
+    return x[:, list(heads)]
+
+
+@dataclass
+class DuoStep:
+    """What one forward pass needs from the cache, computed once for all layers by `DuoCache.begin_step`."""
+
+    num_new: int
+    cached_before: int
+    query_pos: torch.Tensor  # [B, Q]
+    retrieval_mask: torch.Tensor | None  # [B, 1, Q, K] or None
+    retrieval_is_causal: bool  # no cache before, no padding: SDPA's own causal mask is exact
+    streaming_mask: torch.Tensor  # [B, 1, Q, slots (+ Q when concatenating)]
+    concat_streaming: bool  # prefill chunk: attend to old slots + the chunk, then write; decode: write, then attend
+    ring_src: torch.Tensor | None  # chunk indices written to the ring
+    ring_dst: torch.Tensor | None  # their ring slots
+    sink_writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (batch, chunk index, sink slot)
+
+
+@dataclass
+class DuoKV:
+    """What `DuoCacheLayer.update` hands to the attention function, in place of plain key/value tensors."""
+
+    layout: HeadLayout
+    step: DuoStep
+    full_keys: torch.Tensor | None
+    full_values: torch.Tensor | None
+    streaming_keys: torch.Tensor | None
+    streaming_values: torch.Tensor | None
+
+
+class DuoCacheLayer(CacheLayerMixin):
+    """One layer of the dual cache. Retrieval heads: ``[B, H_r, capacity, D]`` grown in blocks. Streaming heads:
+    ``[B, H_s, sink + recent, D]``, constant."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, layout: HeadLayout, owner: DuoCache):
+        super().__init__()
+        self.layout = layout
+        self.owner = owner
+        self.length = 0
+        self.full_keys = self.full_values = None
+        self.stream_keys = self.stream_values = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, _, _, head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        n_stream = len(self.layout.streaming_kv)
+        if n_stream:
+            shape = (batch, n_stream, self.owner.num_slots, head_dim)
+            self.stream_keys = key_states.new_zeros(shape)
+            self.stream_values = value_states.new_zeros(shape)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[DuoKV, DuoKV]:
+        step = self.owner.current_step
+        if step is None or step.num_new != key_states.shape[-2] or step.cached_before != self.length:
+            raise DuoCacheError(
+                "DuoCache.update called outside a prepared step: use the cache through a model patched by "
+                "enable_duo_attention_eval (it calls DuoCache.begin_step before every forward pass)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        layout, total = self.layout, self.layout.num_kv_heads
+        full_k = full_v = stream_k = stream_v = None
+        if layout.retrieval_kv:
+            self._append_full(
+                select_heads(key_states, layout.retrieval_kv, total),
+                select_heads(value_states, layout.retrieval_kv, total),
+            )
+            end = self.length + step.num_new
+            full_k, full_v = self.full_keys[:, :, :end], self.full_values[:, :, :end]
+        if layout.streaming_kv:
+            new_k = select_heads(key_states, layout.streaming_kv, total)
+            new_v = select_heads(value_states, layout.streaming_kv, total)
+            if step.concat_streaming:
+                stream_k = torch.cat([self.stream_keys, new_k], dim=2)
+                stream_v = torch.cat([self.stream_values, new_v], dim=2)
+                self._write_streaming(new_k, new_v, step)
+            else:
+                self._write_streaming(new_k, new_v, step)
+                stream_k, stream_v = self.stream_keys, self.stream_values
+        self.length += step.num_new
+        return (DuoKV(layout, step, full_k, full_v, stream_k, stream_v),) * 2
+
+    def _append_full(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        end = self.length + keys.shape[2]
+        if self.full_keys is None or end > self.full_keys.shape[2]:
+            capacity = -(-end // GROWTH_BLOCK) * GROWTH_BLOCK
+            self.full_keys = _grow(self.full_keys, self.length, capacity, keys)
+            self.full_values = _grow(self.full_values, self.length, capacity, values)
+        self.full_keys[:, :, self.length : end] = keys
+        self.full_values[:, :, self.length : end] = values
+
+    def reserve(self, total_tokens: int) -> None:
+        """Pre-allocate the retrieval cache for ``total_tokens`` tokens (no growth copies while decoding)."""
+        if self.full_keys is not None and total_tokens > self.full_keys.shape[2]:
+            self.full_keys = _grow(self.full_keys, self.length, total_tokens, self.full_keys)
+            self.full_values = _grow(self.full_values, self.length, total_tokens, self.full_values)
+
+    def _write_streaming(self, new_k: torch.Tensor, new_v: torch.Tensor, step: DuoStep) -> None:
+        if step.ring_dst is not None:
+            src = step.ring_src
+            self.stream_keys.index_copy_(2, step.ring_dst, new_k.index_select(2, src) if src is not None else new_k)
+            self.stream_values.index_copy_(2, step.ring_dst, new_v.index_select(2, src) if src is not None else new_v)
+        if step.sink_writes is not None:
+            b, t, s = step.sink_writes
+            self.stream_keys[b, :, s] = new_k[b, :, t]
+            self.stream_values[b, :, s] = new_v[b, :, t]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes of K/V held: the used part, or everything allocated (growth blocks included)."""
+        total = 0
+        if self.full_keys is not None:
+            used = self.full_keys.shape[2] if allocated else self.length
+            per_token = self.full_keys[:, :, :1].numel() * self.full_keys.element_size()
+            total += 2 * used * per_token
+        if self.stream_keys is not None:
+            total += 2 * self.stream_keys.numel() * self.stream_keys.element_size()
+        return total
+
+    def reset(self) -> None:
+        self.length = 0
+        self.full_keys = self.full_values = self.stream_keys = self.stream_values = None
+        self.is_initialized = False
+
+    def _map_batch(self, fn) -> None:
+        for name in ("full_keys", "full_values", "stream_keys", "stream_values"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.owner.crop(tokens_to_remove)
+
+
+def _grow(old: torch.Tensor | None, used: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
+    shape = (*like.shape[:2], capacity, like.shape[3])
+    grown = like.new_empty(shape)
+    if old is not None and used:
+        grown[:, :, :used] = old[:, :, :used]
+    return grown
+
+
+class DuoCache(Cache):
+    """Dual KV cache for a DuoAttention-patched model.
+
+    Built from a retrieval-head mask ``[L, H_kv]`` (True = retrieval head) and the streaming window sizes. The
+    patched model calls `begin_step` before each forward pass; `nbytes` reports the memory held.
+    """
+
+    def __init__(self, retrieval_mask: np.ndarray, sink_size: int, recent_size: int, num_attention_heads: int):
+        mask = np.asarray(retrieval_mask, dtype=bool)
+        self.retrieval_mask = mask
+        self.sink_size, self.recent_size = int(sink_size), int(recent_size)
+        self.num_slots = self.sink_size + self.recent_size
+        self.current_step: DuoStep | None = None
+        self.seen = 0  # cache slots used, padding included (same count in every layer)
+        self.real_seen: torch.Tensor | None = None  # [B] real tokens per sequence
+        self.slot_pos: torch.Tensor | None = None  # [B, slots] position in each streaming slot, -1 = empty
+        self.key_pos: torch.Tensor | None = None  # [B, capacity] position of every cached token (padding = -1)
+        self.has_padding = False
+        layers = [DuoCacheLayer(HeadLayout.from_mask(row, num_attention_heads), self) for row in mask]
+        super().__init__(layers=layers)
+
+    @classmethod
+    def for_model(cls, model) -> DuoCache:
+        """A fresh cache for a model patched by `enable_duo_attention_eval`."""
+        state = getattr(model, "duo_attention", None)
+        if state is None:
+            raise DuoCacheError("the model is not patched: call enable_duo_attention_eval(model, pattern) first")
+        return state.new_cache()
+
+    # -- the per-forward plan ------------------------------------------------------------------------------------
+    def begin_step(self, padding_mask: torch.Tensor | None, num_new: int, batch_size: int, device: torch.device):
+        """Plan the next forward pass of ``num_new`` tokens: positions, masks and streaming-slot writes.
+
+        ``padding_mask`` is the usual 2-D attention mask (1 = real token) covering at least the new tokens.
+        """
+        if padding_mask is not None:
+            if padding_mask.dim() != 2:
+                raise DuoCacheError(
+                    f"duo attention builds its own masks and needs a 2-D padding mask, got shape {tuple(padding_mask.shape)}"
+                )
+            if padding_mask.shape[-1] < num_new or padding_mask.shape[0] != batch_size:
+                raise DuoCacheError(
+                    f"attention_mask of shape {tuple(padding_mask.shape)} does not cover {num_new} new tokens "
+                    f"of a batch of {batch_size}"
+                )
+        if self.real_seen is None:
+            self.real_seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self.slot_pos = torch.full((batch_size, self.num_slots), -1, dtype=torch.long, device=device)
+        elif self.real_seen.shape[0] != batch_size:
+            raise DuoCacheError(f"the cache holds a batch of {self.real_seen.shape[0]}, the input has {batch_size}")
+
+        chunk_real = None if padding_mask is None else padding_mask[:, -num_new:].to(device=device, dtype=torch.bool)
+        if chunk_real is not None and bool(chunk_real.all()):
+            chunk_real = None
+        self.has_padding = self.has_padding or chunk_real is not None
+        query_pos = self.real_seen[:, None] + positions_from_padding(chunk_real, num_new, device)
+        if chunk_real is not None:
+            query_pos = query_pos.masked_fill(~chunk_real, -1)
+        query_pos = query_pos.expand(batch_size, num_new)
+
+        n = self.seen
+        key_pos = self._record_positions(query_pos)
+        if not self.has_padding:
+            retrieval_mask, is_causal = (None, n == 0 and num_new > 1)
+            if n > 0 and num_new > 1:
+                retrieval_mask = allowed_keys(query_pos[:1], key_pos[:1])
+        else:
+            retrieval_mask, is_causal = allowed_keys(query_pos, key_pos), False
+
+        concat = num_new > 1
+        old_slots = self.slot_pos
+        ring_src, ring_dst, new_slots = self._plan_ring(query_pos, n, num_new)
+        sink_writes = self._plan_sinks(query_pos, new_slots)
+        if concat:
+            stream_key_pos = torch.cat([old_slots, query_pos], dim=1)
+        else:
+            stream_key_pos = new_slots
+        streaming_mask = allowed_keys(
+            query_pos, stream_key_pos, sink_size=self.sink_size, recent_size=self.recent_size
+        )
+
+        self.current_step = DuoStep(
+            num_new, n, query_pos, retrieval_mask, is_causal, streaming_mask, concat, ring_src, ring_dst, sink_writes
+        )
+        self.slot_pos = new_slots
+        self.real_seen = self.real_seen + (query_pos >= 0).sum(-1)
+        self.seen = n + num_new
+        return self.current_step
+
+    def _record_positions(self, query_pos: torch.Tensor) -> torch.Tensor:
+        """Append the new positions to the per-token record (needed for padding masks of retrieval heads)."""
+        n, end = self.seen, self.seen + query_pos.shape[1]
+        if self.key_pos is None or end > self.key_pos.shape[1]:
+            capacity = -(-end // GROWTH_BLOCK) * GROWTH_BLOCK
+            grown = query_pos.new_full((query_pos.shape[0], capacity), -1)
+            if self.key_pos is not None:
+                grown[:, :n] = self.key_pos[:, :n]
+            self.key_pos = grown
+        self.key_pos[:, n:end] = query_pos
+        return self.key_pos[:, :end]
+
+    def _plan_ring(self, query_pos: torch.Tensor, n: int, num_new: int):
+        new_slots = self.slot_pos.clone()
+        if self.recent_size == 0:
+            return None, None, new_slots
+        keep = min(num_new, self.recent_size)
+        device = query_pos.device
+        src = torch.arange(num_new - keep, num_new, device=device)
+        dst = self.sink_size + torch.remainder(src + n, self.recent_size)
+        pos = query_pos[:, num_new - keep :]
+        new_slots[:, dst] = pos.masked_fill(pos < self.sink_size, -1)
+        return (None if keep == num_new else src), dst, new_slots
+
+    def _plan_sinks(self, query_pos: torch.Tensor, new_slots: torch.Tensor):
+        if self.sink_size == 0 or bool((self.real_seen >= self.sink_size).all()):
+            return None
+        is_sink = (query_pos >= 0) & (query_pos < self.sink_size)
+        batch_idx, chunk_idx = is_sink.nonzero(as_tuple=True)
+        if batch_idx.numel() == 0:
+            return None
+        slot_idx = query_pos[batch_idx, chunk_idx]
+        new_slots[batch_idx, slot_idx] = slot_idx
+        return batch_idx, chunk_idx, slot_idx
+
+    # -- transformers Cache API ----------------------------------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise DuoCacheError(
+            "DuoCache cannot be cropped: streaming heads keep only sink + recent tokens, so removed tokens could not "
+            "be restored (assisted/speculative decoding is not supported with duo attention)"
+        )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_shared(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_shared(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_shared(lambda t: t[indices])
+
+    def _map_shared(self, fn) -> None:
+        for name in ("real_seen", "slot_pos", "key_pos"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
+
+    def reset(self) -> None:
+        super().reset()
+        self.current_step = self.real_seen = self.slot_pos = self.key_pos = None
+        self.seen, self.has_padding = 0, False
+
+    def reserve(self, total_tokens: int) -> None:
+        """Pre-allocate every retrieval cache for ``total_tokens`` tokens (call after the first forward pass)."""
+        for layer in self.layers:
+            layer.reserve(total_tokens)
+
+    def nbytes(self, allocated: bool = False) -> int:
+        """Bytes of K/V held by all layers (the used part by default; ``allocated=True`` counts growth blocks)."""
+        return sum(layer.nbytes(allocated) for layer in self.layers)

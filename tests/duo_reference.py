@@ -1,0 +1,101 @@
+"""An independent, deliberately naive statement of DuoAttention's rule, used as the oracle of the core tests.
+
+The whole sequence is run at once in float64, without any cache, and every head gets an explicit dense mask built
+from per-sequence positions counted in Python: retrieval heads see keys j <= i, streaming heads see keys j <= i with
+j < sink or i - j < recent.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+NAME = "duo_reference_oracle"
+
+
+def _positions(padding_mask: torch.Tensor) -> list[list[int]]:
+    rows = []
+    for row in padding_mask.tolist():
+        count, positions = 0, []
+        for real in row:
+            positions.append(count if real else -1)
+            count += int(real)
+        rows.append(positions)
+    return rows
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    retrieval_row, sink, recent = module.oracle_spec
+    batch, n_q, length, _ = query.shape
+    groups = n_q // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scores = (query @ key.transpose(-1, -2)) * scaling
+    padding = attention_mask if attention_mask is not None else torch.ones(batch, length, dtype=torch.bool)
+    allowed = torch.zeros(batch, n_q, length, length, dtype=torch.bool)
+    for b, pos in enumerate(_positions(padding)):
+        p = torch.tensor(pos)
+        qi, kj = p[:, None], p[None, :]
+        causal = (kj >= 0) & (kj <= qi)
+        window = causal & ((kj < sink) | (qi - kj < recent))
+        for h in range(n_q):
+            allowed[b, h] = (causal if retrieval_row[h // groups] else window) | (qi < 0)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ value
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _oracle_mask(batch_size, q_length, kv_length, attention_mask=None, **kwargs):
+    return attention_mask
+
+
+AttentionInterface.register(NAME, _oracle_attention)
+AttentionMaskInterface.register(NAME, _oracle_mask)
+
+
+def oracle_model(model: torch.nn.Module, retrieval_mask: np.ndarray, sink: int, recent: int) -> torch.nn.Module:
+    """A float64 copy of an unpatched ``model`` that applies the rule by dense masking."""
+    oracle = copy.deepcopy(model).double()
+    for layer, row in zip(oracle.model.layers, np.asarray(retrieval_mask, dtype=bool)):
+        layer.self_attn.oracle_spec = (row, sink, recent)
+    oracle.set_attn_implementation(NAME)
+    return oracle
+
+
+def position_ids_for(padding_mask: torch.Tensor) -> torch.Tensor:
+    return (padding_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def oracle_logits(oracle: torch.nn.Module, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    return oracle(
+        input_ids=input_ids,
+        attention_mask=padding_mask,
+        position_ids=position_ids_for(padding_mask),
+        use_cache=False,
+    ).logits
+
+
+@torch.no_grad()
+def chunked_logits(model, input_ids, padding_mask, chunk_sizes, cache=None) -> tuple[torch.Tensor, object]:
+    """Feed the sequence chunk by chunk through ``model`` with a cache; return all logits and the cache."""
+    position_ids = position_ids_for(padding_mask)
+    logits, start = [], 0
+    for size in chunk_sizes:
+        end = start + size
+        out = model(
+            input_ids=input_ids[:, start:end],
+            attention_mask=padding_mask[:, :end],
+            position_ids=position_ids[:, start:end],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits.append(out.logits)
+        start = end
+    assert start == input_ids.shape[1]
+    return torch.cat(logits, dim=1), cache

@@ -1,0 +1,273 @@
+"""The inference path (patch + kv_cache + attention) against the dense oracle in duo_reference.py."""
+
+import numpy as np
+import pytest
+import torch
+from duo_reference import chunked_logits, oracle_logits, oracle_model
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from transformers import DynamicCache
+
+from duo_attn import DuoCache, DuoCacheError, PatternError, disable_duo_attention, enable_duo_attention_eval
+from duo_attn.models import tiny_model
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+TOL = dict(atol=2e-4, rtol=1e-4)
+
+
+def _compare_real_positions(ours, oracle, padding_mask):
+    real = padding_mask.bool()
+    torch.testing.assert_close(ours[real].double(), oracle[real], **TOL)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_retrieval_heads_match_the_unpatched_model(arch):
+    model = tiny_model(arch)
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain_logits = model(ids).logits
+        plain_chunks, _ = chunked_logits(model, ids, torch.ones_like(ids), [20, 9, 1, 1, 6])
+        plain_generation = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    enable_duo_attention_eval(model, np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=2, recent_size=4)
+    with torch.no_grad():
+        out = model(ids)
+        chunks, cache = chunked_logits(model, ids, torch.ones_like(ids), [20, 9, 1, 1, 6])
+        generation = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert isinstance(out.past_key_values, DuoCache) and isinstance(cache, DuoCache)
+    torch.testing.assert_close(out.logits, plain_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunks, plain_chunks, atol=1e-5, rtol=1e-5)
+    assert torch.equal(generation, plain_generation)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_all_streaming_heads_match_the_sink_window_reference(arch):
+    model = tiny_model(arch)
+    cfg = model.config
+    mask = np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads))
+    oracle = oracle_model(model, mask, sink=3, recent=5)
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    padding = torch.ones_like(ids)
+    enable_duo_attention_eval(model, mask, sink_size=3, recent_size=5)
+    for schedule in ([40], [7, 13, 20], [10] + [1] * 30):
+        ours, _ = chunked_logits(model, ids, padding, schedule)
+        _compare_real_positions(ours, oracle_logits(oracle, ids, padding), padding)
+    # and the no-cache path (use_cache=False) applies the same rule
+    with torch.no_grad():
+        uncached = model(ids, use_cache=False).logits
+    _compare_real_positions(uncached, oracle_logits(oracle, ids, padding), padding)
+
+
+@st.composite
+def duo_cases(draw):
+    arch = draw(st.sampled_from(ARCHS))
+    batch = draw(st.integers(1, 3))
+    length = draw(st.integers(6, 48))
+    pads = [draw(st.integers(0, min(6, length - 1))) for _ in range(batch)]
+    sink = draw(st.integers(0, 4))
+    recent = draw(st.integers(0 if sink else 1, 9))
+    chunks, left = [], length
+    while left:
+        size = draw(st.sampled_from([1, 1, 2, 3, 5, 8, 13, 21]))
+        chunks.append(min(size, left))
+        left -= chunks[-1]
+    seed = draw(st.integers(0, 2**16))
+    return arch, batch, length, pads, sink, recent, chunks, seed
+
+
+_MODELS = {arch: None for arch in ARCHS}
+
+
+def _shared_model(arch):
+    if _MODELS[arch] is None:
+        _MODELS[arch] = tiny_model(arch)
+    return _MODELS[arch]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(duo_cases())
+def test_random_patterns_schedules_and_padding_match_the_oracle(case):
+    arch, batch, length, pads, sink, recent, chunks, seed = case
+    model = _shared_model(arch)
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    mask = rng.random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
+    ids = torch.from_numpy(rng.integers(1, cfg.vocab_size, (batch, length)))
+    padding = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        padding[row, :pad] = 0
+        ids[row, :pad] = 0
+    oracle = oracle_model(model, mask, sink, recent)
+    enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
+    try:
+        ours, cache = chunked_logits(model, ids, padding, chunks)
+    finally:
+        disable_duo_attention(model)
+    assert cache.get_seq_length() == length
+    _compare_real_positions(ours, oracle_logits(oracle, ids, padding), padding)
+
+
+def test_left_padded_generate_matches_unpadded_rows():
+    """Padding is never a sink or a window token: a padded row generates what it generates alone."""
+    model = tiny_model("llama")
+    cfg = model.config
+    enable_duo_attention_eval(model, np.eye(cfg.num_hidden_layers, cfg.num_key_value_heads), sink_size=2, recent_size=3)
+    gen = torch.Generator().manual_seed(3)
+    long_row = torch.randint(1, cfg.vocab_size, (1, 30), generator=gen)
+    short_row = torch.randint(1, cfg.vocab_size, (1, 21), generator=gen)
+    batch = torch.cat([long_row, torch.cat([torch.zeros(1, 9, dtype=torch.long), short_row], 1)])
+    padding = (torch.arange(30)[None] >= torch.tensor([[0], [9]])).long()
+    with torch.no_grad():
+        together = model.generate(batch, attention_mask=padding, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        alone = model.generate(short_row, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(together[1, 9:], alone[0])
+
+
+def test_cache_bytes_follow_the_formula_and_streaming_stays_constant():
+    model = tiny_model("llama")
+    cfg = model.config
+    layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    mask = np.zeros((layers, kv_heads), dtype=bool)
+    mask[0, 0] = True
+    sink, recent, batch = 4, 8, 2
+    enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
+    ids = torch.randint(1, cfg.vocab_size, (batch, 100))
+    streaming_heads, retrieval_heads = int((~mask).sum()), int(mask.sum())
+    per_token = 2 * batch * head_dim * 4  # K and V, fp32
+    cache = None
+    for seen in (30, 60, 100):
+        _, cache = chunked_logits(model, ids[:, :seen], torch.ones(batch, seen, dtype=torch.long), [seen], None)
+        expected = per_token * (retrieval_heads * seen + streaming_heads * (sink + recent))
+        assert cache.nbytes() == expected
+        assert cache.nbytes(allocated=True) >= expected
+    # decoding further grows only the retrieval part
+    before = cache.nbytes()
+    with torch.no_grad():
+        for t in range(5):
+            model(ids[:, t : t + 1], attention_mask=torch.ones(batch, 101 + t, dtype=torch.long), past_key_values=cache)
+    assert cache.nbytes() - before == per_token * retrieval_heads * 5
+
+
+def test_beam_search_runs_and_reorders_the_cache():
+    model = tiny_model("qwen2")
+    cfg = model.config
+    mask = np.random.default_rng(0).random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
+    ids = torch.randint(1, cfg.vocab_size, (2, 25))
+    oracle_free = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    enable_duo_attention_eval(model, np.ones_like(mask), sink_size=2, recent_size=4)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0), oracle_free)
+    enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
+    out = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 31)
+
+
+def test_explicit_duo_cache_and_dynamic_cache_are_accepted():
+    model = tiny_model("mistral")
+    cfg = model.config
+    mask = np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads), dtype=bool)
+    mask[:, 0] = True
+    enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
+    ids = torch.randint(1, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        implicit = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        explicit = model.generate(
+            ids, max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=DuoCache.for_model(model)
+        )
+        replaced = model(ids, past_key_values=DynamicCache()).past_key_values
+    assert torch.equal(implicit, explicit)
+    assert isinstance(replaced, DuoCache)
+
+
+def test_cache_refuses_what_it_cannot_do():
+    model = tiny_model("llama")
+    cfg = model.config
+    enable_duo_attention_eval(model, np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
+    cache = model(torch.randint(1, cfg.vocab_size, (1, 10))).past_key_values
+    assert not cache.is_croppable
+    with pytest.raises(DuoCacheError, match="cannot be cropped"):
+        cache.crop(-2)
+    with pytest.raises(DuoCacheError, match="batch of 1"):
+        model(torch.randint(1, cfg.vocab_size, (2, 3)), past_key_values=cache)
+    with pytest.raises(DuoCacheError, match="outside a prepared step"):
+        DuoCache.for_model(model).update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
+
+
+def test_disable_restores_the_model():
+    model = tiny_model("qwen3")
+    cfg = model.config
+    original = cfg._attn_implementation
+    ids = torch.randint(1, cfg.vocab_size, (1, 30))
+    with torch.no_grad():
+        before = model(ids).logits
+    enable_duo_attention_eval(model, np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, before)
+    disable_duo_attention(model)
+    assert cfg._attn_implementation == original and not hasattr(model, "duo_attention")
+    assert not model.base_model._forward_pre_hooks
+    with torch.no_grad():
+        out = model(ids)
+    assert not isinstance(out.past_key_values, DuoCache)
+    torch.testing.assert_close(out.logits, before)
+
+
+@pytest.mark.parametrize(
+    "pattern, kwargs, message",
+    [
+        (np.ones((3, 2)), dict(sink_size=1, recent_size=2), "pattern has 3 layers but the model has 2"),
+        (np.ones((2, 4)), dict(sink_size=1, recent_size=2), "4 KV heads per layer but the model has 2"),
+        (np.ones((2, 2)), {}, "sink_size and recent_size are required"),
+        (np.ones((2, 2)), dict(sink_size=-1, recent_size=2), "sink_size must be"),
+        (np.ones((2, 2)), dict(sink_size=0, recent_size=0), "positive"),
+        (np.full((2, 2), np.nan), dict(sink_size=1, recent_size=2), "non-finite"),
+        (np.ones((2, 2)) * 0.5, dict(sink_size=1, recent_size=2, sparsity=2.0), "sparsity must be in"),
+        ("/nonexistent/pattern", {}, "not found"),
+    ],
+)
+def test_bad_input_is_rejected_and_changes_nothing(pattern, kwargs, message):
+    model = tiny_model("llama", num_hidden_layers=2)
+    before = model.config._attn_implementation
+    with pytest.raises(PatternError, match=message):
+        enable_duo_attention_eval(model, pattern, **kwargs)
+    assert model.config._attn_implementation == before and not hasattr(model, "duo_attention")
+    assert not model.base_model._forward_pre_hooks
+
+
+def test_unsupported_model_gets_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
+    with pytest.raises(PatternError, match="supports model types"):
+        enable_duo_attention_eval(model, np.ones((1, 2)), sink_size=1, recent_size=2)
+
+
+def test_four_d_masks_are_refused():
+    model = tiny_model("llama")
+    cfg = model.config
+    enable_duo_attention_eval(model, np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
+    with pytest.raises(PatternError, match="2-D padding mask"):
+        model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+
+@pytest.mark.slow
+def test_smollm2_all_retrieval_generates_exactly_like_the_unpatched_model():
+    pytest.importorskip("gguf")
+    from duo_attn.models import load_model
+
+    try:
+        model, tokenizer = load_model("smollm2")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    cfg = model.config
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "List three facts about the moon. " * 20}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = tokenizer([prompt, "The capital of France is"], return_tensors="pt", padding=True, padding_side="left")
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        enable_duo_attention_eval(
+            model, np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=16, recent_size=64
+        )
+        duo = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    assert torch.equal(duo, plain)
