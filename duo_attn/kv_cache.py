@@ -11,12 +11,14 @@ never a sink); ``[sink_size, sink_size + recent_size)`` are a ring indexed by ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .kernels import BlockMask, streaming_block_mask, use_flex
 from .masks import allowed_keys, positions_from_padding
 
 GROWTH_BLOCK = 256  # retrieval caches grow in blocks of this many tokens, not by a concatenation per step
@@ -34,6 +36,7 @@ class HeadLayout:
     streaming_kv: tuple[int, ...]
     num_kv_heads: int
     groups: int
+    _device_indices: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_mask(cls, retrieval_row: np.ndarray, num_q_heads: int) -> HeadLayout:
@@ -51,14 +54,21 @@ class HeadLayout:
     def query_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(h * self.groups + g for h in kv_heads for g in range(self.groups))
 
+    def device_index(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The head list as an index tensor on ``device``, made once (no host-to-device copy per step)."""
+        key = (heads, device)
+        if key not in self._device_indices:
+            self._device_indices[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._device_indices[key]
 
-def select_heads(x: torch.Tensor, heads: tuple[int, ...], total: int) -> torch.Tensor:
-    """``x[:, heads]`` as a view when the heads are one contiguous run (the common case), else a gather."""
+
+def select_heads(x: torch.Tensor, heads: tuple[int, ...], total: int, layout: HeadLayout) -> torch.Tensor:
+    """``x[:, heads]``: the tensor itself, a view when the heads are one contiguous run, else a gather."""
     if len(heads) == total:
         return x
     if heads == tuple(range(heads[0], heads[0] + len(heads))):
         return x[:, heads[0] : heads[0] + len(heads)]
-    return x[:, list(heads)]
+    return x.index_select(1, layout.device_index(heads, x.device))
 
 
 @dataclass
@@ -68,13 +78,21 @@ class DuoStep:
     num_new: int
     cached_before: int
     query_pos: torch.Tensor  # [B, Q]
-    retrieval_mask: torch.Tensor | None  # [B, 1, Q, K] or None
+    retrieval_mask: torch.Tensor | CausalBias | None  # [B, 1, Q, K], lower-right causal, or None (all visible)
     retrieval_is_causal: bool  # no cache before, no padding: SDPA's own causal mask is exact
-    streaming_mask: torch.Tensor  # [B, 1, Q, slots (+ Q when concatenating)]
+    streaming_mask: torch.Tensor | BlockMask | None  # [B, 1, Q, slots (+ Q when concatenating)], block mask, or None
     concat_streaming: bool  # prefill chunk: attend to old slots + the chunk, then write; decode: write, then attend
     ring_src: torch.Tensor | None  # chunk indices written to the ring
     ring_dst: torch.Tensor | None  # their ring slots
     sink_writes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (batch, chunk index, sink slot)
+
+
+@dataclass
+class StepPlan:
+    """The step being run, shared by the cache and its layers."""
+
+    num_slots: int
+    step: DuoStep | None = None
 
 
 @dataclass
@@ -96,10 +114,10 @@ class DuoCacheLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, layout: HeadLayout, owner: DuoCache):
+    def __init__(self, layout: HeadLayout, plan: StepPlan):
         super().__init__()
         self.layout = layout
-        self.owner = owner
+        self.plan = plan  # shared with the DuoCache; no reference back to it, so no cycle keeps memory alive
         self.length = 0
         self.full_keys = self.full_values = None
         self.stream_keys = self.stream_values = None
@@ -109,13 +127,13 @@ class DuoCacheLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         n_stream = len(self.layout.streaming_kv)
         if n_stream:
-            shape = (batch, n_stream, self.owner.num_slots, head_dim)
+            shape = (batch, n_stream, self.plan.num_slots, head_dim)
             self.stream_keys = key_states.new_zeros(shape)
             self.stream_values = value_states.new_zeros(shape)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[DuoKV, DuoKV]:
-        step = self.owner.current_step
+        step = self.plan.step
         if step is None or step.num_new != key_states.shape[-2] or step.cached_before != self.length:
             raise DuoCacheError(
                 "DuoCache.update called outside a prepared step: use the cache through a model patched by "
@@ -127,14 +145,14 @@ class DuoCacheLayer(CacheLayerMixin):
         full_k = full_v = stream_k = stream_v = None
         if layout.retrieval_kv:
             self._append_full(
-                select_heads(key_states, layout.retrieval_kv, total),
-                select_heads(value_states, layout.retrieval_kv, total),
+                select_heads(key_states, layout.retrieval_kv, total, layout),
+                select_heads(value_states, layout.retrieval_kv, total, layout),
             )
             end = self.length + step.num_new
             full_k, full_v = self.full_keys[:, :, :end], self.full_values[:, :, :end]
         if layout.streaming_kv:
-            new_k = select_heads(key_states, layout.streaming_kv, total)
-            new_v = select_heads(value_states, layout.streaming_kv, total)
+            new_k = select_heads(key_states, layout.streaming_kv, total, layout)
+            new_v = select_heads(value_states, layout.streaming_kv, total, layout)
             if step.concat_streaming:
                 stream_k = torch.cat([self.stream_keys, new_k], dim=2)
                 stream_v = torch.cat([self.stream_values, new_v], dim=2)
@@ -211,7 +229,10 @@ class DuoCacheLayer(CacheLayerMixin):
         self._map_batch(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        self.owner.crop(tokens_to_remove)
+        raise DuoCacheError(
+            "DuoCache cannot be cropped: streaming heads keep only sink + recent tokens, so removed tokens could not "
+            "be restored (assisted/speculative decoding is not supported with duo attention)"
+        )
 
 
 def _grow(old: torch.Tensor | None, used: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
@@ -234,13 +255,14 @@ class DuoCache(Cache):
         self.retrieval_mask = mask
         self.sink_size, self.recent_size = int(sink_size), int(recent_size)
         self.num_slots = self.sink_size + self.recent_size
-        self.current_step: DuoStep | None = None
+        self.plan = StepPlan(self.num_slots)
         self.seen = 0  # cache slots used, padding included (same count in every layer)
         self.real_seen: torch.Tensor | None = None  # [B] real tokens per sequence
         self.slot_pos: torch.Tensor | None = None  # [B, slots] position in each streaming slot, -1 = empty
         self.key_pos: torch.Tensor | None = None  # [B, capacity] position of every cached token (padding = -1)
         self.has_padding = False
-        layers = [DuoCacheLayer(HeadLayout.from_mask(row, num_attention_heads), self) for row in mask]
+        self.sinks_filled = False
+        layers = [DuoCacheLayer(HeadLayout.from_mask(row, num_attention_heads), self.plan) for row in mask]
         super().__init__(layers=layers)
 
     @classmethod
@@ -284,32 +306,36 @@ class DuoCache(Cache):
 
         n = self.seen
         key_pos = self._record_positions(query_pos)
-        if not self.has_padding:
-            retrieval_mask, is_causal = (None, n == 0 and num_new > 1)
-            if n > 0 and num_new > 1:
-                retrieval_mask = allowed_keys(query_pos[:1], key_pos[:1])
-        else:
+        if self.has_padding:
             retrieval_mask, is_causal = allowed_keys(query_pos, key_pos), False
+        elif num_new == 1:
+            retrieval_mask, is_causal = None, False
+        elif n == 0:
+            retrieval_mask, is_causal = None, True
+        else:
+            retrieval_mask, is_causal = causal_lower_right(num_new, n + num_new), False
 
         concat = num_new > 1
         old_slots = self.slot_pos
         ring_src, ring_dst, new_slots = self._plan_ring(query_pos, n, num_new)
         sink_writes = self._plan_sinks(query_pos, new_slots)
-        if concat:
-            stream_key_pos = torch.cat([old_slots, query_pos], dim=1)
+        if concat and not self.has_padding and use_flex(device, num_new):
+            streaming_mask = streaming_block_mask(old_slots[0], n, num_new, self.sink_size, self.recent_size)
+        elif not concat and not self.has_padding and n + 1 >= self.num_slots:
+            streaming_mask = None  # decoding with a full window: every slot is visible
         else:
-            stream_key_pos = new_slots
-        streaming_mask = allowed_keys(
-            query_pos, stream_key_pos, sink_size=self.sink_size, recent_size=self.recent_size
-        )
+            stream_key_pos = torch.cat([old_slots, query_pos], dim=1) if concat else new_slots
+            streaming_mask = allowed_keys(
+                query_pos, stream_key_pos, sink_size=self.sink_size, recent_size=self.recent_size
+            )
 
-        self.current_step = DuoStep(
+        self.plan.step = DuoStep(
             num_new, n, query_pos, retrieval_mask, is_causal, streaming_mask, concat, ring_src, ring_dst, sink_writes
         )
         self.slot_pos = new_slots
         self.real_seen = self.real_seen + (query_pos >= 0).sum(-1)
         self.seen = n + num_new
-        return self.current_step
+        return self.plan.step
 
     def _record_positions(self, query_pos: torch.Tensor) -> torch.Tensor:
         """Append the new positions to the per-token record (needed for padding masks of retrieval heads)."""
@@ -336,7 +362,10 @@ class DuoCache(Cache):
         return (None if keep == num_new else src), dst, new_slots
 
     def _plan_sinks(self, query_pos: torch.Tensor, new_slots: torch.Tensor):
-        if self.sink_size == 0 or bool((self.real_seen >= self.sink_size).all()):
+        if self.sinks_filled or self.sink_size == 0:
+            return None
+        if bool((self.real_seen >= self.sink_size).all()):
+            self.sinks_filled = True  # remembered, so decoding does not synchronise on this every step
             return None
         is_sink = (query_pos >= 0) & (query_pos < self.sink_size)
         batch_idx, chunk_idx = is_sink.nonzero(as_tuple=True)
@@ -353,12 +382,6 @@ class DuoCache(Cache):
     @property
     def is_croppable(self) -> bool:
         return False
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise DuoCacheError(
-            "DuoCache cannot be cropped: streaming heads keep only sink + recent tokens, so removed tokens could not "
-            "be restored (assisted/speculative decoding is not supported with duo attention)"
-        )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -380,8 +403,8 @@ class DuoCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.current_step = self.real_seen = self.slot_pos = self.key_pos = None
-        self.seen, self.has_padding = 0, False
+        self.plan.step = self.real_seen = self.slot_pos = self.key_pos = None
+        self.seen, self.has_padding, self.sinks_filled = 0, False, False
 
     def reserve(self, total_tokens: int) -> None:
         """Pre-allocate every retrieval cache for ``total_tokens`` tokens (call after the first forward pass)."""

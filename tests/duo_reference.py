@@ -8,13 +8,22 @@ j < sink or i - j < recent.
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from duo_attn.models import tiny_model
+
 NAME = "duo_reference_oracle"
+# Model-level tests run on a GPU with DUO_ATTN_TEST_DEVICE=cuda; the oracle always runs on the CPU in float64.
+DEVICE = torch.device(os.environ.get("DUO_ATTN_TEST_DEVICE", "cpu"))
+
+
+def device_model(arch: str, **overrides) -> torch.nn.Module:
+    return tiny_model(arch, **overrides).to(DEVICE)
 
 
 def _positions(padding_mask: torch.Tensor) -> list[list[int]]:
@@ -59,7 +68,7 @@ AttentionMaskInterface.register(NAME, _oracle_mask)
 
 def oracle_model(model: torch.nn.Module, retrieval_mask: np.ndarray, sink: int, recent: int) -> torch.nn.Module:
     """A float64 copy of an unpatched ``model`` that applies the rule by dense masking."""
-    oracle = copy.deepcopy(model).double()
+    oracle = copy.deepcopy(model).to("cpu", torch.float64)
     for layer, row in zip(oracle.model.layers, np.asarray(retrieval_mask, dtype=bool)):
         layer.self_attn.oracle_spec = (row, sink, recent)
     oracle.set_attn_implementation(NAME)
@@ -72,6 +81,7 @@ def position_ids_for(padding_mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def oracle_logits(oracle: torch.nn.Module, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+    input_ids, padding_mask = input_ids.cpu(), padding_mask.cpu()
     return oracle(
         input_ids=input_ids,
         attention_mask=padding_mask,
@@ -82,7 +92,8 @@ def oracle_logits(oracle: torch.nn.Module, input_ids: torch.Tensor, padding_mask
 
 @torch.no_grad()
 def chunked_logits(model, input_ids, padding_mask, chunk_sizes, cache=None) -> tuple[torch.Tensor, object]:
-    """Feed the sequence chunk by chunk through ``model`` with a cache; return all logits and the cache."""
+    """Feed the sequence chunk by chunk through ``model`` with a cache; return all logits (on the CPU) and the cache."""
+    input_ids, padding_mask = input_ids.to(model.device), padding_mask.to(model.device)
     position_ids = position_ids_for(padding_mask)
     logits, start = [], 0
     for size in chunk_sizes:
@@ -98,4 +109,4 @@ def chunked_logits(model, input_ids, padding_mask, chunk_sizes, cache=None) -> t
         logits.append(out.logits)
         start = end
     assert start == input_ids.shape[1]
-    return torch.cat(logits, dim=1), cache
+    return torch.cat(logits, dim=1).cpu(), cache

@@ -3,28 +3,27 @@
 import numpy as np
 import pytest
 import torch
-from duo_reference import chunked_logits, oracle_logits, oracle_model
+from duo_reference import DEVICE, chunked_logits, device_model, oracle_logits, oracle_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from duo_attn import DuoCache, DuoCacheError, PatternError, disable_duo_attention, enable_duo_attention_eval
-from duo_attn.models import tiny_model
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 TOL = dict(atol=2e-4, rtol=1e-4)
 
 
 def _compare_real_positions(ours, oracle, padding_mask):
-    real = padding_mask.bool()
+    real = padding_mask.bool().cpu()
     torch.testing.assert_close(ours[real].double(), oracle[real], **TOL)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_all_retrieval_heads_match_the_unpatched_model(arch):
-    model = tiny_model(arch)
+    model = device_model(arch)
     cfg = model.config
-    ids = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg.vocab_size, (2, 37), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with torch.no_grad():
         plain_logits = model(ids).logits
         plain_chunks, _ = chunked_logits(model, ids, torch.ones_like(ids), [20, 9, 1, 1, 6])
@@ -42,11 +41,11 @@ def test_all_retrieval_heads_match_the_unpatched_model(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_all_streaming_heads_match_the_sink_window_reference(arch):
-    model = tiny_model(arch)
+    model = device_model(arch)
     cfg = model.config
     mask = np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads))
     oracle = oracle_model(model, mask, sink=3, recent=5)
-    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     padding = torch.ones_like(ids)
     enable_duo_attention_eval(model, mask, sink_size=3, recent_size=5)
     for schedule in ([40], [7, 13, 20], [10] + [1] * 30):
@@ -80,7 +79,7 @@ _MODELS = {arch: None for arch in ARCHS}
 
 def _shared_model(arch):
     if _MODELS[arch] is None:
-        _MODELS[arch] = tiny_model(arch)
+        _MODELS[arch] = device_model(arch)
     return _MODELS[arch]
 
 
@@ -109,14 +108,14 @@ def test_random_patterns_schedules_and_padding_match_the_oracle(case):
 
 def test_left_padded_generate_matches_unpadded_rows():
     """Padding is never a sink or a window token: a padded row generates what it generates alone."""
-    model = tiny_model("llama")
+    model = device_model("llama")
     cfg = model.config
     enable_duo_attention_eval(model, np.eye(cfg.num_hidden_layers, cfg.num_key_value_heads), sink_size=2, recent_size=3)
     gen = torch.Generator().manual_seed(3)
-    long_row = torch.randint(1, cfg.vocab_size, (1, 30), generator=gen)
-    short_row = torch.randint(1, cfg.vocab_size, (1, 21), generator=gen)
-    batch = torch.cat([long_row, torch.cat([torch.zeros(1, 9, dtype=torch.long), short_row], 1)])
-    padding = (torch.arange(30)[None] >= torch.tensor([[0], [9]])).long()
+    long_row = torch.randint(1, cfg.vocab_size, (1, 30), generator=gen).to(DEVICE)
+    short_row = torch.randint(1, cfg.vocab_size, (1, 21), generator=gen).to(DEVICE)
+    batch = torch.cat([long_row, torch.cat([torch.zeros(1, 9, dtype=torch.long, device=DEVICE), short_row], 1)])
+    padding = (torch.arange(30)[None] >= torch.tensor([[0], [9]])).long().to(DEVICE)
     with torch.no_grad():
         together = model.generate(batch, attention_mask=padding, max_new_tokens=8, do_sample=False, pad_token_id=0)
         alone = model.generate(short_row, max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -124,7 +123,7 @@ def test_left_padded_generate_matches_unpadded_rows():
 
 
 def test_cache_bytes_follow_the_formula_and_streaming_stays_constant():
-    model = tiny_model("llama")
+    model = device_model("llama")
     cfg = model.config
     layers, kv_heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     head_dim = cfg.hidden_size // cfg.num_attention_heads
@@ -132,7 +131,7 @@ def test_cache_bytes_follow_the_formula_and_streaming_stays_constant():
     mask[0, 0] = True
     sink, recent, batch = 4, 8, 2
     enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
-    ids = torch.randint(1, cfg.vocab_size, (batch, 100))
+    ids = torch.randint(1, cfg.vocab_size, (batch, 100)).to(DEVICE)
     streaming_heads, retrieval_heads = int((~mask).sum()), int(mask.sum())
     per_token = 2 * batch * head_dim * 4  # K and V, fp32
     cache = None
@@ -145,15 +144,15 @@ def test_cache_bytes_follow_the_formula_and_streaming_stays_constant():
     before = cache.nbytes()
     with torch.no_grad():
         for t in range(5):
-            model(ids[:, t : t + 1], attention_mask=torch.ones(batch, 101 + t, dtype=torch.long), past_key_values=cache)
+            model(ids[:, t : t + 1], attention_mask=torch.ones(batch, 101 + t, dtype=torch.long, device=DEVICE), past_key_values=cache)
     assert cache.nbytes() - before == per_token * retrieval_heads * 5
 
 
 def test_beam_search_runs_and_reorders_the_cache():
-    model = tiny_model("qwen2")
+    model = device_model("qwen2")
     cfg = model.config
     mask = np.random.default_rng(0).random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
-    ids = torch.randint(1, cfg.vocab_size, (2, 25))
+    ids = torch.randint(1, cfg.vocab_size, (2, 25)).to(DEVICE)
     oracle_free = model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
     enable_duo_attention_eval(model, np.ones_like(mask), sink_size=2, recent_size=4)
     assert torch.equal(model.generate(ids, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0), oracle_free)
@@ -163,12 +162,12 @@ def test_beam_search_runs_and_reorders_the_cache():
 
 
 def test_explicit_duo_cache_and_dynamic_cache_are_accepted():
-    model = tiny_model("mistral")
+    model = device_model("mistral")
     cfg = model.config
     mask = np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads), dtype=bool)
     mask[:, 0] = True
     enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
-    ids = torch.randint(1, cfg.vocab_size, (1, 20))
+    ids = torch.randint(1, cfg.vocab_size, (1, 20)).to(DEVICE)
     with torch.no_grad():
         implicit = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         explicit = model.generate(
@@ -180,24 +179,24 @@ def test_explicit_duo_cache_and_dynamic_cache_are_accepted():
 
 
 def test_cache_refuses_what_it_cannot_do():
-    model = tiny_model("llama")
+    model = device_model("llama")
     cfg = model.config
     enable_duo_attention_eval(model, np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
-    cache = model(torch.randint(1, cfg.vocab_size, (1, 10))).past_key_values
+    cache = model(torch.randint(1, cfg.vocab_size, (1, 10), device=DEVICE)).past_key_values
     assert not cache.is_croppable
     with pytest.raises(DuoCacheError, match="cannot be cropped"):
         cache.crop(-2)
     with pytest.raises(DuoCacheError, match="batch of 1"):
-        model(torch.randint(1, cfg.vocab_size, (2, 3)), past_key_values=cache)
+        model(torch.randint(1, cfg.vocab_size, (2, 3), device=DEVICE), past_key_values=cache)
     with pytest.raises(DuoCacheError, match="outside a prepared step"):
-        DuoCache.for_model(model).update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
+        DuoCache.for_model(model).update(torch.zeros(1, 2, 1, 16, device=DEVICE), torch.zeros(1, 2, 1, 16, device=DEVICE), 0)
 
 
 def test_disable_restores_the_model():
-    model = tiny_model("qwen3")
+    model = device_model("qwen3")
     cfg = model.config
     original = cfg._attn_implementation
-    ids = torch.randint(1, cfg.vocab_size, (1, 30))
+    ids = torch.randint(1, cfg.vocab_size, (1, 30)).to(DEVICE)
     with torch.no_grad():
         before = model(ids).logits
     enable_duo_attention_eval(model, np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
@@ -226,7 +225,7 @@ def test_disable_restores_the_model():
     ],
 )
 def test_bad_input_is_rejected_and_changes_nothing(pattern, kwargs, message):
-    model = tiny_model("llama", num_hidden_layers=2)
+    model = device_model("llama", num_hidden_layers=2)
     before = model.config._attn_implementation
     with pytest.raises(PatternError, match=message):
         enable_duo_attention_eval(model, pattern, **kwargs)
@@ -243,11 +242,11 @@ def test_unsupported_model_gets_a_clear_error():
 
 
 def test_four_d_masks_are_refused():
-    model = tiny_model("llama")
+    model = device_model("llama")
     cfg = model.config
     enable_duo_attention_eval(model, np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
     with pytest.raises(PatternError, match="2-D padding mask"):
-        model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool))
+        model(torch.ones(1, 4, dtype=torch.long, device=DEVICE), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE))
 
 
 @pytest.mark.slow
@@ -271,3 +270,22 @@ def test_smollm2_all_retrieval_generates_exactly_like_the_unpatched_model():
         )
         duo = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     assert torch.equal(duo, plain)
+
+
+def test_a_dropped_cache_frees_its_memory_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    model = device_model("llama")
+    cfg = model.config
+    mask = np.array([[True, False]] * cfg.num_hidden_layers)
+    enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
+    with torch.no_grad():
+        cache = model(torch.randint(1, cfg.vocab_size, (1, 12), device=DEVICE)).past_key_values
+    held = [weakref.ref(cache.layers[0].full_keys), weakref.ref(cache.layers[0].stream_keys)]
+    gc.disable()
+    try:
+        del cache
+        assert all(ref() is None for ref in held), "a reference cycle keeps the KV tensors alive"
+    finally:
+        gc.enable()

@@ -1,0 +1,388 @@
+"""Efficiency benchmark: decode latency/memory, pre-fill latency/memory and KV bytes, duo vs full attention.
+
+Models are built from configs with random bf16 weights (speed and memory do not depend on the weights). Three
+methods run side by side in one process: ``hf`` (transformers' SDPA attention with its default DynamicCache),
+``duo-full`` (this library, every head a retrieval head) and ``duo`` (this library with a pattern). Every point also
+prints the ideal ratio (decode: bytes moved, weights + KV; pre-fill: FLOPs) and the achieved fraction of it.
+Out-of-memory points are reported as OOM.
+
+    python -m duo_attn.bench --help
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig
+
+from .kv_cache import DuoCache
+from .patch import disable_duo_attention, enable_duo_attention_eval
+from .patterns import load_attn_pattern, sparsify_attention_heads
+
+SHAPES = {
+    "llama2-7b": lambda: LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=1 << 20,
+    ),
+    "llama3-8b": lambda: LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=1 << 20,
+    ),
+    "mistral-7b": lambda: MistralConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, sliding_window=None, max_position_embeddings=1 << 20,
+    ),
+}
+REFERENCE_PATTERNS = {
+    "llama2-7b": "Llama-2-7B-32K-Instruct",
+    "llama3-8b": "Llama-3-8B-Instruct-Gradient-1048k",
+    "mistral-7b": "Mistral-7B-Instruct-v0.2",
+}
+METHODS = ("hf", "duo-full", "duo")
+
+
+@dataclass
+class Point:
+    kind: str
+    method: str
+    context: int
+    chunk: int | None
+    ms: float | None  # per-token decode latency or whole pre-fill latency; None = OOM
+    peak_gib: float | None
+    kv_bytes: int | None
+
+
+def build_model(shape: str, device: str) -> torch.nn.Module:
+    config = SHAPES[shape]()
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    return model.eval().requires_grad_(False)
+
+
+def head_mask(shape: str, sparsity: float, patterns_dir: Path | None, config) -> tuple[np.ndarray, str]:
+    """Retrieval-head mask: a published pattern of the same shape when available, else random at that sparsity."""
+    if patterns_dir is not None and (patterns_dir / REFERENCE_PATTERNS[shape]).is_dir():
+        gates, _, _ = load_attn_pattern(patterns_dir / REFERENCE_PATTERNS[shape])
+        return sparsify_attention_heads(gates, sparsity=sparsity)[0], REFERENCE_PATTERNS[shape]
+    gates = np.random.default_rng(0).random((config.num_hidden_layers, config.num_key_value_heads))
+    return sparsify_attention_heads(gates, sparsity=sparsity)[0], "random"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every weight except the input embedding table (only one row is read)."""
+    embed = model.get_input_embeddings().weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+
+
+def full_kv_bytes(config, tokens: int) -> int:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * tokens * 2
+
+
+def copy_bandwidth(device: str) -> float:
+    """Measured device-to-device copy bandwidth in bytes/s, counting bytes read plus written."""
+    src = torch.randn(1 << 30, dtype=torch.bfloat16, device=device)  # 2 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * (1 << 30) * 2 / statistics.median(times)
+
+
+def make_cache(model, method: str, tokens: int, device: str):
+    """A cache holding ``tokens`` random keys/values, filled through the cache's own update path."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cache = DuoCache.for_model(model) if method != "hf" else DynamicCache(config=config)
+    if isinstance(cache, DuoCache):
+        cache.begin_step(None, tokens, 1, torch.device(device))
+    for layer in range(config.num_hidden_layers):
+        shape = (1, config.num_key_value_heads, tokens, head_dim)
+        keys = torch.randn(shape, dtype=torch.bfloat16, device=device)
+        cache.update(keys, torch.randn_like(keys), layer)
+        del keys
+    return cache
+
+
+def kv_bytes(cache, config) -> int:
+    if isinstance(cache, DuoCache):
+        return cache.nbytes()
+    return full_kv_bytes(config, cache.get_seq_length())
+
+
+def _event_ms(fn) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int) -> None:
+    if getattr(model, "duo_attention", None) is not None:
+        disable_duo_attention(model)
+    if method == "duo-full":
+        enable_duo_attention_eval(model, np.ones_like(mask), sink_size=sink, recent_size=recent)
+    elif method == "duo":
+        enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
+
+
+@torch.no_grad()
+def bench_decode(model, method: str, context: int, steps: int, warmup: int, device: str) -> Point:
+    torch.cuda.empty_cache()
+    try:
+        cache = make_cache(model, method, context, device)
+        token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        for _ in range(warmup):
+            model(token, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        times = [_event_ms(lambda: model(token, past_key_values=cache, use_cache=True)) for _ in range(steps)]
+        point = Point("decode", method, context, None, statistics.median(times),
+                      torch.cuda.max_memory_allocated() / 2**30, kv_bytes(cache, model.config))
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"OOM: decode {method} {context}: {str(err).splitlines()[0]}")
+        point = Point("decode", method, context, None, None, None, None)
+    cache = None
+    _release()
+    return point
+
+
+def _release() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def bench_prefill(model, method: str, context: int, chunk: int, device: str) -> Point:
+    torch.cuda.empty_cache()
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+
+    def run():
+        cache = DuoCache.for_model(model) if method != "hf" else DynamicCache(config=model.config)
+        for start in range(0, context, chunk):
+            model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache
+
+    try:
+        run()  # warm-up: kernel selection and FlexAttention compilation for these shapes
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        box = {}
+        ms = _event_ms(lambda: box.setdefault("cache", run()))
+        point = Point("prefill", method, context, chunk, ms, torch.cuda.max_memory_allocated() / 2**30,
+                      kv_bytes(box["cache"], model.config))
+    except torch.cuda.OutOfMemoryError as err:
+        print(f"OOM: prefill {method} {context}/{chunk}: {str(err).splitlines()[0]}")
+        point = Point("prefill", method, context, chunk, None, None, None)
+    _release()
+    return point
+
+
+def prefill_flops(config, context: int, chunk: int, retrieval: float, window: int | None) -> float:
+    """Attention + linear FLOPs of a chunked pre-fill; ``window`` = sink + recent for streaming heads."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = hidden // config.num_attention_heads
+    kv_dim = config.num_key_value_heads * head_dim
+    per_token_linear = 2 * layers * (2 * hidden * hidden + 2 * hidden * kv_dim + 3 * hidden * config.intermediate_size)
+    attention = 0.0
+    for start in range(0, context, chunk):
+        c = min(chunk, context - start)
+        full_keys = start + (c + 1) / 2  # average keys per query, causal
+        keys = retrieval * full_keys + (1 - retrieval) * (min(full_keys, window) if window else full_keys)
+        attention += 4 * c * keys * head_dim * config.num_attention_heads * layers
+    return per_token_linear * context + attention + 2 * hidden * config.vocab_size
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(value):
+        if value is None:
+            return "OOM"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def summarise_decode(points: list[Point], wbytes: int, bandwidth: float) -> list[dict]:
+    by = {(p.method, p.context): p for p in points}
+    rows = []
+    for context in sorted({p.context for p in points}):
+        hf, full, duo = (by.get((m, context)) for m in METHODS)
+        ideal = _ratio(wbytes + (hf.kv_bytes or full_kv_bytes_guess(full)), wbytes + duo.kv_bytes) if duo.kv_bytes else None
+        speedup = _ratio(hf.ms, duo.ms)
+        rows.append({
+            "context": context,
+            "hf ms": hf.ms, "duo-full ms": full.ms, "duo ms": duo.ms,
+            "speedup vs hf": speedup, "ideal": ideal, "of ideal": _ratio(speedup, ideal),
+            "hf GiB": hf.peak_gib, "duo GiB": duo.peak_gib,
+            "duo GB/s % copy": None if duo.ms is None else 100 * (wbytes + duo.kv_bytes) / (duo.ms / 1e3) / bandwidth,
+            "hf GB/s % copy": None if hf.ms is None else 100 * (wbytes + hf.kv_bytes) / (hf.ms / 1e3) / bandwidth,
+        })
+    return rows
+
+
+def full_kv_bytes_guess(point: Point | None) -> int | None:
+    return None if point is None else point.kv_bytes
+
+
+def summarise_prefill(points: list[Point], config, retrieval: float, window: int) -> list[dict]:
+    by = {(p.method, p.chunk): p for p in points}
+    rows = []
+    for chunk in sorted({p.chunk for p in points}):
+        hf, full, duo = (by.get((m, chunk)) for m in METHODS)
+        context = hf.context
+        ideal = prefill_flops(config, context, chunk, 1.0, None) / prefill_flops(config, context, chunk, retrieval, window)
+        speedup = _ratio(hf.ms, duo.ms)
+        rows.append({
+            "context": context, "chunk": chunk, "hf s": _ms_to_s(hf.ms), "duo-full s": _ms_to_s(full.ms),
+            "duo s": _ms_to_s(duo.ms), "speedup vs hf": speedup, "ideal (FLOPs)": ideal,
+            "of ideal": _ratio(speedup, ideal), "hf GiB": hf.peak_gib, "duo GiB": duo.peak_gib,
+            "memory saving": _ratio(hf.peak_gib, duo.peak_gib),
+        })
+    return rows
+
+
+def _ms_to_s(ms):
+    return None if ms is None else ms / 1e3
+
+
+def plot(rows: list[dict], x: str, ys: list[str], ylabel: str, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for y in ys:
+        points = [(r[x], r[y]) for r in rows if r.get(y) is not None]
+        if points:
+            ax.plot(*zip(*points), marker="o", label=y)
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
+    parser.add_argument("--sparsity", type=float, default=0.75, help="fraction of KV heads made streaming")
+    parser.add_argument("--patterns-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference_patterns",
+                        help="published patterns for realistic per-layer head counts (random if missing)")
+    parser.add_argument("--sink", type=int, default=128)
+    parser.add_argument("--recent", type=int, default=256)
+    parser.add_argument("--decode-contexts", type=int, nargs="*", default=[16384, 32768, 65536, 100000])
+    parser.add_argument("--decode-steps", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--prefill-context", type=int, default=65536)
+    parser.add_argument("--prefill-chunks", type=int, nargs="*", default=[8192, 16384, 32768])
+    parser.add_argument("--kv-context", type=int, default=32768, help="context of the KV-bytes-vs-retrieval table")
+    parser.add_argument("--out", type=Path, default=Path("docs/efficiency"))
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("the efficiency benchmark times CUDA kernels and needs a GPU")
+    # Every method runs with the same SDPA kernels; cuDNN's is left out (see attention.SDPA_BACKENDS).
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model = build_model(args.shape, args.device)
+    config = model.config
+    mask, mask_source = head_mask(args.shape, args.sparsity, args.patterns_dir, config)
+    retrieval = float(mask.mean())
+    wbytes = weight_bytes(model)
+    bandwidth = copy_bandwidth(args.device)
+    meta = {
+        "shape": args.shape, "retrieval_fraction": retrieval, "pattern": mask_source, "sink": args.sink,
+        "recent": args.recent, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "copy_bandwidth_GBps": bandwidth / 1e9, "weight_GB": wbytes / 1e9, "date": time.strftime("%Y-%m-%d"),
+    }
+    print(json.dumps(meta))
+    name = f"{args.shape}-r{retrieval:.2f}"
+    points: list[Point] = []
+    report = [f"# {args.shape}, {retrieval:.0%} retrieval heads ({mask_source}), sink {args.sink} + recent {args.recent}",
+              "", f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}; "
+              f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write).", ""]
+
+    if args.decode_contexts:
+        decode = []
+        for method in METHODS:
+            set_method(model, method, mask, args.sink, args.recent)
+            for context in args.decode_contexts:
+                point = bench_decode(model, method, context, args.decode_steps, args.warmup, args.device)
+                print(point, flush=True)
+                decode.append(point)
+        points += decode
+        rows = summarise_decode(decode, wbytes, bandwidth)
+        columns = list(rows[0])
+        report += ["## Decode (median ms per token)", "", markdown_table(rows, columns), ""]
+        plot(rows, "context", ["hf ms", "duo-full ms", "duo ms"], "ms / token", f"decode, {name}",
+             args.out / f"decode-{name}.png")
+
+    if args.prefill_chunks:
+        prefill = []
+        for method in METHODS:
+            set_method(model, method, mask, args.sink, args.recent)
+            for chunk in args.prefill_chunks:
+                point = bench_prefill(model, method, args.prefill_context, chunk, args.device)
+                print(point, flush=True)
+                prefill.append(point)
+        points += prefill
+        rows = summarise_prefill(prefill, config, retrieval, args.sink + args.recent)
+        report += [f"## Pre-fill of {args.prefill_context} tokens (seconds)", "", markdown_table(rows, list(rows[0])), ""]
+        plot(rows, "chunk", ["hf s", "duo-full s", "duo s"], "seconds", f"pre-fill {args.prefill_context}, {name}",
+             args.out / f"prefill-{name}.png")
+
+    if args.kv_context:
+        kv_rows = []
+        for sparsity in (0.0, 0.25, 0.5, 0.75, 0.9):
+            ratio_mask = sparsify_attention_heads(np.where(mask, 1.0, 0.0) + np.random.default_rng(1).random(mask.shape) * 0.5,
+                                                  sparsity=sparsity)[0]
+            set_method(model, "duo", ratio_mask, args.sink, args.recent)
+            cache = make_cache(model, "duo", args.kv_context, args.device)
+            measured = cache.nbytes()
+            del cache
+            torch.cuda.empty_cache()
+            kv_rows.append({"retrieval fraction": float(ratio_mask.mean()), "KV GiB": measured / 2**30,
+                            "full KV GiB": full_kv_bytes(config, args.kv_context) / 2**30,
+                            "ratio": measured / full_kv_bytes(config, args.kv_context)})
+        report += [f"## KV-cache bytes at {args.kv_context} tokens", "", markdown_table(kv_rows, list(kv_rows[0])), ""]
+
+    (args.out / f"{name}.md").write_text("\n".join(report))
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "points": [asdict(p) for p in points]}, indent=1))
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Block-sparse pre-fill for streaming heads with FlexAttention.
+
+A pre-fill chunk of ``C`` queries attends, in a streaming head, to the ``S = sink + recent`` cached slots and to the
+chunk itself, but each query reads only sinks and its last ``recent`` keys. Dense masked attention would still cost
+``O(C * (S + C))``; here the block mask lists, for each 128-query block, only the key blocks that hold a sink slot
+or overlap its window, so the cost is ``O(C * (S + recent + 128))``. The block lists are computed arithmetically
+(never by evaluating the mask over all pairs) once per forward pass and shared by every layer; the exact token rule is
+applied inside the listed blocks by the mask function.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # torch without FlexAttention: dense SDPA is used instead
+    BlockMask = flex_attention = None
+
+BLOCK = 128
+MIN_FLEX_QUERIES = 2 * BLOCK  # below this a dense masked SDPA call is as fast
+
+
+def flex_mode() -> str:
+    """``DUO_ATTN_FLEX``: ``auto`` (CUDA only, the default), ``always`` (also CPU, eager: for tests) or ``never``."""
+    mode = os.environ.get("DUO_ATTN_FLEX", "auto")
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"DUO_ATTN_FLEX must be auto, always or never, got {mode!r}")
+    return mode
+
+
+def use_flex(device: torch.device, num_queries: int) -> bool:
+    mode = flex_mode()
+    if flex_attention is None or mode == "never":
+        return False
+    return num_queries >= MIN_FLEX_QUERIES and (mode == "always" or device.type == "cuda")
+
+
+def streaming_block_mask(
+    slot_pos: torch.Tensor, cached: int, num_queries: int, sink_size: int, recent_size: int
+) -> BlockMask:
+    """Block mask for queries at positions ``cached + t`` over keys ``[slots (positions slot_pos), the chunk]``.
+
+    Assumes no padding (positions equal cache indices), which is when the pre-fill fast path is taken.
+    """
+    num_slots, device = slot_pos.shape[0], slot_pos.device
+    num_keys = num_slots + num_queries
+    q_blocks = -(-num_queries // BLOCK)
+    k_blocks = -(-num_keys // BLOCK)
+    first_q = np.arange(q_blocks) * BLOCK
+    last_q = np.minimum(first_q + BLOCK, num_queries) - 1
+    # keys of the chunk that a query block may read: its window, plus the chunk's own sink tokens (first chunks)
+    window_lo = num_slots + np.maximum(first_q - recent_size + 1, 0)
+    window_hi = num_slots + last_q
+    chunk_sinks = max(0, min(sink_size - cached, num_queries))
+    lists = []
+    for q in range(q_blocks):
+        blocks = set(range(-(-num_slots // BLOCK)))  # the cached slots (sink + ring), a few blocks at most
+        blocks.update(range(window_lo[q] // BLOCK, window_hi[q] // BLOCK + 1))
+        if chunk_sinks:
+            blocks.update(range(num_slots // BLOCK, (num_slots + min(chunk_sinks, last_q[q] + 1) - 1) // BLOCK + 1))
+        lists.append(sorted(b for b in blocks if b < k_blocks))
+    indices = np.zeros((q_blocks, k_blocks), dtype=np.int32)  # flex expects one column per key block
+    for q, row in enumerate(lists):
+        indices[q, : len(row)] = row
+    counts = torch.tensor([len(row) for row in lists], dtype=torch.int32, device=device)
+    kv_indices = torch.from_numpy(indices).to(device)
+
+    base = torch.tensor(cached, device=device)
+    slots = slot_pos.clamp(min=-1)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        query_pos = base + q_idx
+        in_slots = kv_idx < num_slots
+        key_pos = torch.where(in_slots, slots[kv_idx.clamp(max=num_slots - 1)], base + kv_idx - num_slots)
+        visible = (key_pos >= 0) & (key_pos <= query_pos)
+        return visible & ((key_pos < sink_size) | (query_pos - key_pos < recent_size))
+
+    return BlockMask.from_kv_blocks(
+        counts[None, None], kv_indices[None, None], BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(num_queries, num_keys)
+    )
+
+
+_compiled = None
+
+
+def flex_streaming_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scaling: float | None
+) -> torch.Tensor:
+    """FlexAttention (compiled on CUDA, eager elsewhere) with GQA handled by the kernel."""
+    global _compiled
+    fn = flex_attention
+    if query.device.type == "cuda":
+        if _compiled is None:
+            _compiled = torch.compile(flex_attention)  # head counts differ per layer: let those dims go dynamic
+        fn = _compiled
+    return fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
