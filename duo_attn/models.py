@@ -23,7 +23,7 @@ from transformers import (
     GgufConfig,
     LlamaConfig,
     MistralConfig,
-    PretrainedConfig,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -102,6 +102,8 @@ def _write_atomically(dest: Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
         fill(tmp)
+        for path in (tmp, *tmp.iterdir()):  # mkdtemp makes it private; a cache should be readable
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             os.replace(tmp, dest)  # also replaces an empty directory
         except OSError:
@@ -169,7 +171,7 @@ def load_model(
     return model, tokenizer
 
 
-_TINY_CONFIGS: dict[str, type[PretrainedConfig]] = {
+_TINY_CONFIGS: dict[str, type[PreTrainedConfig]] = {
     "llama": LlamaConfig,
     "mistral": MistralConfig,
     "qwen2": Qwen2Config,
@@ -192,7 +194,7 @@ _TINY_DEFAULTS: dict[str, Any] = {
 }
 
 
-def tiny_config(arch: str, **overrides: Any) -> PretrainedConfig:
+def tiny_config(arch: str, **overrides: Any) -> PreTrainedConfig:
     """A tiny config (2 layers, hidden 64, 4 query / 2 KV heads of dim 16, vocab 256,
     full attention everywhere) so unit tests run in milliseconds on CPU."""
     if arch not in _TINY_CONFIGS:
