@@ -1,0 +1,1 @@
+"""Evaluation: benchmarks (LongBench, synthetic long-context tasks, ...) and their metrics, one submodule each."""

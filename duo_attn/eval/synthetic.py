@@ -1,0 +1,357 @@
+"""Offline synthetic long-context tasks in the spirit of RULER, generated at exact token lengths and scored exactly.
+
+Why: LongBench needs its data files and mixes retrieval with reasoning and summary quality; these tasks need no
+download, can be made at any length (measured with the model's own tokenizer, chat template included) and tell
+directly whether a compressed KV cache still finds and tracks facts spread over the context.
+
+Tasks:
+
+* ``niah_single``: one "special number" needle for one key hidden in filler text; return the number.
+* ``niah_multikey``: four needles with different keys; return the number of the key asked for.
+* ``niah_multivalue``: four needles for the same key; return all four numbers.
+* ``vt``: variable tracking; a chain ``VAR A = 12345``, ``VAR B = VAR A`` ... (plus a distractor chain with another
+  value) spread through filler; return every variable that holds the value.
+* ``cwe``: common-word extraction; a numbered list where ten words occur far more often than the others; return them.
+
+The score of a prediction is the fraction of expected strings it contains, case-insensitively (RULER's
+string-match-all). Everything is deterministic for a given seed, task, length and sample index.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from .longbench import encode_prompt, generate_greedy, has_chat_template
+
+SYNTHETIC_TASKS: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
+
+# New-token budgets: enough for the answer sentence of each task (cwe lists ten words, vt five names).
+DEFAULT_MAX_NEW_TOKENS: dict[str, int] = {
+    "niah_single": 32,
+    "niah_multikey": 32,
+    "niah_multivalue": 64,
+    "vt": 48,
+    "cwe": 120,
+}
+
+# Default haystack: plain, repetitive sentences that contain no numbers and no task vocabulary.
+FILLER_SENTENCES: tuple[str, ...] = (
+    "The river ran slowly past the old stone bridge.",
+    "A small boat waited at the edge of the quiet harbour.",
+    "Morning light spread across the fields and the low hills.",
+    "The market opened early and the stalls filled with fresh bread.",
+    "Children walked to school along the narrow path by the wall.",
+    "In the evening the wind turned cold and the windows were closed.",
+    "The library kept its oldest maps in a room under the stairs.",
+    "A train crossed the valley twice a day, always on time.",
+)
+
+_NEEDLES_PER_SAMPLE = 4  # keys in niah_multikey, values in niah_multivalue
+_VT_HOPS = 4  # a chain of 5 variables
+_CWE_TOP_K = 10
+# (frequency of each common word, frequency of each rare word), tried in order until the common words fit.
+_CWE_FREQUENCIES = ((30, 3), (20, 3), (10, 3), (5, 1), (3, 1))
+_UNIT_MAX_WORDS = 30
+
+
+@dataclass(frozen=True)
+class SyntheticSample:
+    """One generated prompt: ``input_ids`` are ready for ``generate``, ``text`` is what was tokenised."""
+
+    task: str
+    target_length: int
+    input_ids: list[int]
+    text: str
+    answers: list[str]
+
+    def score(self, prediction: str) -> float:
+        """Fraction of the expected answers found in ``prediction`` (0..1)."""
+        return string_match_all(prediction, self.answers)
+
+
+def string_match_all(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's string-match-all for one sample: share of answers that occur in the prediction, ignoring case."""
+    text = prediction.lower()
+    return sum(answer.lower() in text for answer in answers) / len(answers)
+
+
+def string_match_part(prediction: str, answers: Sequence[str]) -> float:
+    """RULER's string-match-part for one sample: 1 if any answer occurs in the prediction, ignoring case."""
+    text = prediction.lower()
+    return float(any(answer.lower() in text for answer in answers))
+
+
+def _filler_units(haystack: str | None) -> list[str]:
+    """Cut the haystack into sentence-sized pieces (at . ! ? or every 30 words) that needles go between."""
+    if haystack is None:
+        return list(FILLER_SENTENCES)
+    units, current = [], []
+    for word in haystack.split():
+        current.append(word)
+        if word[-1] in ".!?" or len(current) >= _UNIT_MAX_WORDS:
+            units.append(" ".join(current))
+            current = []
+    if current:
+        units.append(" ".join(current))
+    if not units:
+        raise ValueError("the haystack text is empty")
+    return units
+
+
+def _pseudo_words(rng: random.Random, count: int, exclude: set[str] = frozenset()) -> list[str]:
+    """Distinct pronounceable non-words (so that no answer can be guessed from world knowledge)."""
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    words: list[str] = []
+    seen = set(exclude)
+    while len(words) < count:
+        word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(rng.randint(2, 4)))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def _number(rng: random.Random, taken: set[str], digits: int = 7) -> str:
+    while True:
+        value = str(rng.randint(10 ** (digits - 1), 10**digits - 1))
+        if value not in taken:
+            taken.add(value)
+            return value
+
+
+def _weave(units: list[str], n_units: int, needles: Sequence[tuple[float, str]]) -> str:
+    """First ``n_units`` filler units (cycled) with each needle placed at its relative depth, in the given order."""
+    body = [units[i % len(units)] for i in range(n_units)]
+    slots: dict[int, list[str]] = {}
+    for depth, needle in needles:
+        slots.setdefault(round(depth * n_units), []).append(needle)
+    pieces: list[str] = []
+    for position in range(n_units + 1):
+        pieces.extend(slots.get(position, []))
+        if position < n_units:
+            pieces.append(body[position])
+    return " ".join(pieces)
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """A task instance whose context grows with one integer (filler units, or rare words for cwe)."""
+
+    render: Callable[[int], str]
+    answer_prefix: str
+    answers: list[str]
+
+
+_NIAH_INTRO = (
+    "Some special numbers are hidden in the text below. Remember them: you will be asked about one of them afterwards."
+)
+
+
+def _niah_spec(task: str, rng: random.Random, units: list[str]) -> _Spec:
+    taken: set[str] = set()
+    if task == "niah_single":
+        keys = ["-".join(_pseudo_words(rng, 2))]
+        pairs = [(keys[0], _number(rng, taken))]
+    elif task == "niah_multikey":
+        words = _pseudo_words(rng, 2 * _NEEDLES_PER_SAMPLE)
+        keys = ["-".join(words[i : i + 2]) for i in range(0, len(words), 2)]
+        pairs = [(key, _number(rng, taken)) for key in keys]
+    else:
+        keys = ["-".join(_pseudo_words(rng, 2))]
+        pairs = [(keys[0], _number(rng, taken)) for _ in range(_NEEDLES_PER_SAMPLE)]
+    needles = [(rng.random(), f"The special number for {key} is {value}.") for key, value in pairs]
+    key = keys[0]
+    if task == "niah_multivalue":
+        question = f"What are all the special numbers for {key} mentioned in the text above?"
+        prefix = f"The special numbers for {key} mentioned in the text above are"
+        answers = [value for _, value in pairs]
+    else:
+        question = f"What is the special number for {key} mentioned in the text above?"
+        prefix = f"The special number for {key} mentioned in the text above is"
+        answers = [pairs[0][1]]
+
+    def render(n_units: int) -> str:
+        return f"{_NIAH_INTRO}\n\n{_weave(units, n_units, needles)}\n\n{question}"
+
+    return _Spec(render, prefix, answers)
+
+
+def _vt_spec(rng: random.Random, units: list[str]) -> _Spec:
+    taken: set[str] = set()
+    names: set[str] = set()
+    chains = []
+    for _ in range(2):  # the chain asked about and one distractor chain
+        value = _number(rng, taken, digits=5)
+        chain = []
+        while len(chain) < _VT_HOPS + 1:
+            name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+            if name not in names:
+                names.add(name)
+                chain.append(name)
+        statements = [f"VAR {chain[0]} = {value}."] + [
+            f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, len(chain))
+        ]
+        # sorted depths keep every chain in assignment order wherever it lands
+        chains.append((value, chain, list(zip(sorted(rng.random() for _ in statements), statements, strict=True))))
+    needles = sorted(chains[0][2] + chains[1][2], key=lambda pair: pair[0])
+    value, answers = chains[0][0], chains[0][1]
+    intro = "Memorize and track the chains of variable assignments hidden in the following text."
+    question = f"Find all variables that are assigned the value {value} in the text above."
+
+    def render(n_units: int) -> str:
+        return f"{intro}\n\n{_weave(units, n_units, needles)}\n\n{question}"
+
+    return _Spec(render, f"The variables assigned the value {value} are:", answers)
+
+
+def _cwe_spec(rng: random.Random, measure_words: Callable[[_Spec], int], target: int) -> tuple[_Spec, int]:
+    """The word-list spec and how many rare words it has available."""
+    common = _pseudo_words(rng, _CWE_TOP_K)
+    shuffle_seed = rng.random()
+    question = f"What are the {_CWE_TOP_K} most common words in the list above?"
+    prefix = f"The {_CWE_TOP_K} most common words in the list above are:"
+
+    def spec_for(freq_common: int, freq_rare: int, rare: list[str]) -> _Spec:
+        def render(n_rare: int) -> str:
+            words = common * freq_common + rare[:n_rare] * freq_rare
+            random.Random(f"{shuffle_seed}:{n_rare}").shuffle(words)
+            listing = "\n".join(f"{i}. {word}" for i, word in enumerate(words, 1))
+            return f"Below is a numbered list of words.\n\n{listing}\n\n{question}"
+
+        return _Spec(render, prefix, list(common))
+
+    for freq_common, freq_rare in _CWE_FREQUENCIES:
+        # more rare words than the budget can hold: every list line costs at least two tokens (number and word)
+        rare = _pseudo_words(rng, target // (2 * freq_rare) + 1, exclude=set(common))
+        spec = spec_for(freq_common, freq_rare, rare)
+        if measure_words(spec) <= target:
+            return spec, len(rare)
+    raise ValueError(f"target length {target} is too short for the cwe word list")
+
+
+def _fit(measure: Callable[[int], int], target: int, max_size: int | None = None) -> int:
+    """Largest context size whose prompt has at most ``target`` tokens (token count grows with the size)."""
+    base = measure(0)
+    if base > target:
+        raise ValueError(f"target length {target} is shorter than the bare prompt ({base} tokens)")
+    probe = 16
+    per_unit = max((measure(probe) - base) / probe, 0.5)
+    guess = max(1, int((target - base) / per_unit))
+    if measure(guess) <= target:
+        lo, hi = guess, int(guess * 1.1) + 1
+        while measure(hi) <= target:
+            if max_size is not None and hi > max_size:
+                raise ValueError(f"could not fill {target} tokens: the content ran out")
+            lo, hi = hi, int(hi * 1.1) + 1
+    else:
+        lo, hi = int(guess * 0.9), guess
+        while lo > 0 and measure(lo) > target:
+            lo, hi = int(lo * 0.9), lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def make_sample(
+    task: str,
+    tokenizer: Any,
+    length: int,
+    *,
+    seed: int = 0,
+    index: int = 0,
+    haystack: str | None = None,
+) -> SyntheticSample:
+    """Build sample ``index`` of ``task`` with a prompt of at most ``length`` tokens, as close to it as the filler
+    granularity allows (one filler sentence, or one rare word for cwe).
+
+    ``haystack`` is any text to hide the needles in (cycled when too short); by default a few generic sentences.
+    cwe ignores it: its context is the word list itself.
+    The prompt is a user turn under the tokenizer's chat template when it has one, and the answer's first words
+    are given after it (as RULER does), so even base models answer in a checkable form.
+    """
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"unknown synthetic task {task!r}; known: {', '.join(SYNTHETIC_TASKS)}")
+    rng = random.Random(f"{seed}:{task}:{length}:{index}")
+    chat = has_chat_template(tokenizer)
+
+    def encode(spec: _Spec, size: int) -> list[int]:
+        suffix = spec.answer_prefix if chat else "\n" + spec.answer_prefix
+        return encode_prompt(tokenizer, spec.render(size), chat=chat, assistant_prefix=suffix)
+
+    max_size = None
+    if task == "cwe":
+        spec, max_size = _cwe_spec(rng, lambda s: len(encode(s, 0)), length)
+    elif task == "vt":
+        spec = _vt_spec(rng, _filler_units(haystack))
+    else:
+        spec = _niah_spec(task, rng, _filler_units(haystack))
+    ids = encode(spec, _fit(lambda n: len(encode(spec, n)), length, max_size))
+    return SyntheticSample(task, length, ids, tokenizer.decode(ids), list(spec.answers))
+
+
+def make_samples(
+    task: str, tokenizer: Any, length: int, n_samples: int, *, seed: int = 0, haystack: str | None = None
+) -> list[SyntheticSample]:
+    """``n_samples`` independent samples of one task at one length."""
+    return [make_sample(task, tokenizer, length, seed=seed, index=i, haystack=haystack) for i in range(n_samples)]
+
+
+def run_synthetic_suite(
+    model: Any,
+    tokenizer: Any,
+    lengths: Sequence[int],
+    tasks: Sequence[str] = SYNTHETIC_TASKS,
+    n_samples: int = 10,
+    max_new_tokens: int | None = None,
+    chunk_size: int | None = None,
+    *,
+    seed: int = 0,
+    haystack: str | None = None,
+) -> dict[str, dict[int, float]]:
+    """Greedy-decode every task at every length; returns ``{task: {length: score}}`` with scores in 0-100.
+
+    A score is the mean of :func:`string_match_all` over the samples, x100 and rounded to 2 decimals.
+    ``max_new_tokens`` overrides the per-task budgets; ``chunk_size`` prefills prompts in chunks of that many tokens.
+    """
+    unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
+    if unknown:
+        raise ValueError(f"unknown synthetic task(s) {unknown}; known: {', '.join(SYNTHETIC_TASKS)}")
+    model.eval()
+    results: dict[str, dict[int, float]] = {task: {} for task in tasks}
+    progress = tqdm(total=len(tasks) * len(lengths) * n_samples, desc="synthetic", unit="sample")
+    for task in tasks:
+        budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
+        for length in lengths:
+            total = 0.0
+            for sample in make_samples(task, tokenizer, length, n_samples, seed=seed, haystack=haystack):
+                prediction = generate_greedy(model, tokenizer, sample.input_ids, budget, chunk_size=chunk_size)
+                total += sample.score(prediction)
+                progress.update()
+            results[task][length] = round(100 * total / n_samples, 2)
+    progress.close()
+    return results
+
+
+def format_synthetic_table(results: dict[str, dict[int, float]]) -> str:
+    """Markdown table: one row per task, one column per length, and a row with the mean over tasks."""
+    lengths = sorted({length for scores in results.values() for length in scores})
+    header = "| task | " + " | ".join(str(n) for n in lengths) + " |"
+    lines = [header, "|" + "---|" * (len(lengths) + 1)]
+    for task, scores in results.items():
+        cells = [f"{scores[n]:.2f}" if n in scores else "-" for n in lengths]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    means = []
+    for n in lengths:
+        values = [scores[n] for scores in results.values() if n in scores]
+        means.append(f"{sum(values) / len(values):.2f}")
+    lines.append("| **average** | " + " | ".join(means) + " |")
+    return "\n".join(lines) + "\n"

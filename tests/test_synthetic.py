@@ -1,0 +1,183 @@
+"""Synthetic long-context suite: construction, exact scoring, determinism, and an end-to-end run on a tiny model."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from duo_attn.eval import synthetic as syn
+
+HAYSTACK = (
+    "Bees visit many flowers in one morning. Their wings beat very fast! Why do they dance? "
+    "They tell the hive where food can be found."
+)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+LENGTH = 1000
+# the prompt stops short of the target by less than one filler unit plus a needle (about 40 tokens here)
+TOLERANCE = 80
+
+
+def _tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """Offline byte-level BPE: every string round-trips, numbers and made-up words split into a few tokens."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=500,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator([*syn.FILLER_SENTENCES, HAYSTACK, "The special number for is VAR"], trainer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model's matrices are too small to gain from threads, and spinning threads on a busy 2-core machine
+    made these tests several times slower; restore the setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return _tiny_tokenizer()
+
+
+@pytest.mark.parametrize("task", syn.SYNTHETIC_TASKS)
+def test_sample_answers_in_context_and_length(tokenizer, task):
+    sample = syn.make_sample(task, tokenizer, LENGTH)
+    assert sample.task == task and sample.target_length == LENGTH
+    assert LENGTH - TOLERANCE <= len(sample.input_ids) <= LENGTH
+    assert sample.input_ids == tokenizer(sample.text, add_special_tokens=False)["input_ids"]
+    context = sample.text.split("\n\n")[1]  # between the instruction and the question
+    for answer in sample.answers:
+        assert answer in context
+    expected_count = {"niah_single": 1, "niah_multikey": 1, "niah_multivalue": 4, "vt": 5, "cwe": 10}[task]
+    assert len(set(sample.answers)) == len(sample.answers) == expected_count
+    # the prompt ends with the start of the answer
+    assert sample.text.rstrip().endswith(("is", "are", "are:"))
+
+
+def test_niah_needles(tokenizer):
+    single = syn.make_sample("niah_single", tokenizer, LENGTH)
+    key = re.search(r"special number for (\S+) mentioned", single.text).group(1)
+    assert f"The special number for {key} is {single.answers[0]}." in single.text
+    multikey = syn.make_sample("niah_multikey", tokenizer, LENGTH)
+    needles = re.findall(r"The special number for (\S+) is (\d+)\.", multikey.text)
+    assert len({k for k, _ in needles}) == 4  # four different keys, one asked
+    asked = re.search(r"special number for (\S+) mentioned", multikey.text).group(1)
+    assert dict(needles)[asked] == multikey.answers[0]
+    multivalue = syn.make_sample("niah_multivalue", tokenizer, LENGTH)
+    needles = re.findall(r"The special number for (\S+) is (\d+)\.", multivalue.text)
+    assert {k for k, _ in needles} == {re.search(r"numbers for (\S+) mentioned", multivalue.text).group(1)}
+    assert sorted(v for _, v in needles) == sorted(multivalue.answers)
+
+
+def test_vt_chain_resolves_to_answers(tokenizer):
+    sample = syn.make_sample("vt", tokenizer, LENGTH)
+    values: dict[str, str] = {}
+    for name, source in re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)\.", sample.text):
+        # statements appear in assignment order, so every source is already known
+        values[name] = values[source[4:]] if source.startswith("VAR ") else source
+    asked = re.search(r"assigned the value (\d+) in", sample.text).group(1)
+    assert len(values) == 10  # the asked chain and a distractor chain, five variables each
+    assert sorted(n for n, v in values.items() if v == asked) == sorted(sample.answers)
+
+
+def test_cwe_common_words_dominate(tokenizer):
+    sample = syn.make_sample("cwe", tokenizer, LENGTH)
+    words = re.findall(r"^\d+\. (\w+)$", sample.text, flags=re.M)
+    counts = Counter(words)
+    top = {word for word, _ in counts.most_common(10)}
+    assert top == set(sample.answers)
+    assert min(counts[w] for w in sample.answers) > max(c for w, c in counts.items() if w not in top)
+
+
+def test_chat_template_and_custom_haystack():
+    tokenizer = _tiny_tokenizer(chat=True)
+    sample = syn.make_sample("niah_single", tokenizer, LENGTH, haystack=HAYSTACK)
+    assert sample.text.startswith("<|user|>Some special numbers")
+    assert "<|assistant|>The special number for" in sample.text
+    # the short haystack is cycled to fill the length; no generic filler is used
+    assert sample.text.count("Why do they dance?") > 3
+    assert syn.FILLER_SENTENCES[0] not in sample.text
+    assert LENGTH - TOLERANCE <= len(sample.input_ids) <= LENGTH
+
+
+def test_deterministic(tokenizer):
+    first = syn.make_samples("niah_multikey", tokenizer, 600, 2, seed=3)
+    again = syn.make_samples("niah_multikey", tokenizer, 600, 2, seed=3)
+    assert first == again
+    assert first[0].answers != first[1].answers
+    assert syn.make_sample("niah_multikey", tokenizer, 600, seed=4).answers != first[0].answers
+
+
+def test_scoring_is_exact():
+    # 2 of 3 expected strings are present -> 2/3
+    assert syn.string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "7654321", "1111111"]) == 2 / 3
+    assert syn.string_match_all("vars: abcde, FGHIJ", ["ABCDE", "fghij"]) == 1.0  # case-insensitive
+    assert syn.string_match_all("", ["x"]) == 0.0
+    assert syn.string_match_part("only 7654321", ["1234567", "7654321"]) == 1.0
+    assert syn.string_match_part("none", ["1234567", "7654321"]) == 0.0
+    sample = syn.SyntheticSample("niah_multivalue", 10, [0], "", ["11", "22", "33", "44"])
+    assert sample.score("11, 22 and 44") == 0.75
+
+
+def test_errors(tokenizer):
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        syn.make_sample("qa", tokenizer, LENGTH)
+    with pytest.raises(ValueError, match="shorter than the bare prompt"):
+        syn.make_sample("vt", tokenizer, 50)
+    with pytest.raises(ValueError, match="too short for the cwe"):
+        syn.make_sample("cwe", tokenizer, 60)
+    with pytest.raises(ValueError, match="unknown synthetic task"):
+        syn.run_synthetic_suite(None, tokenizer, [LENGTH], tasks=["niah_single", "qa"])
+
+
+def test_runner_end_to_end(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    results = syn.run_synthetic_suite(model, tokenizer, [500, 700], n_samples=2, max_new_tokens=3, chunk_size=128)
+    assert list(results) == list(syn.SYNTHETIC_TASKS)
+    for scores in results.values():
+        assert list(scores) == [500, 700]
+        assert all(0.0 <= score <= 100.0 for score in scores.values())
+    table = syn.format_synthetic_table(results)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| task | 500 | 700 |"
+    assert len(lines) == 2 + len(syn.SYNTHETIC_TASKS) + 1 and lines[-1].startswith("| **average** |")
+
+
+def test_table_format_hand_made():
+    table = syn.format_synthetic_table({"niah_single": {1000: 100.0, 2000: 50.0}, "vt": {1000: 0.0, 2000: 25.0}})
+    assert "| niah_single | 100.00 | 50.00 |" in table
+    assert "| vt | 0.00 | 25.00 |" in table
+    assert "| **average** | 50.00 | 37.50 |" in table
