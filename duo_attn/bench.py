@@ -60,6 +60,7 @@ class Point:
     ms: float | None  # per-token decode latency or whole pre-fill latency; None = OOM
     peak_gib: float | None
     kv_bytes: int | None
+    kernel_ms: float | None = None  # decode: GPU kernel time per token (what a launch-free step would take)
 
 
 def build_model(shape: str, device: str) -> torch.nn.Module:
@@ -138,6 +139,17 @@ def _event_ms(fn) -> float:
     return start.elapsed_time(end)
 
 
+def kernel_ms_per_call(fn, calls: int) -> float:
+    """Sum of GPU kernel times per call, from the profiler: the step's device time without launch gaps."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+                   for e in prof.key_averages())
+    return total_us / 1e3 / calls
+
+
 def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int) -> None:
     if getattr(model, "duo_attention", None) is not None:
         disable_duo_attention(model)
@@ -158,8 +170,10 @@ def bench_decode(model, method: str, context: int, steps: int, warmup: int, devi
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         times = [_event_ms(lambda: model(token, past_key_values=cache, use_cache=True)) for _ in range(steps)]
-        point = Point("decode", method, context, None, statistics.median(times),
-                      torch.cuda.max_memory_allocated() / 2**30, kv_bytes(cache, model.config))
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        kernels = kernel_ms_per_call(lambda: model(token, past_key_values=cache, use_cache=True), 10)
+        point = Point("decode", method, context, None, statistics.median(times), peak, kv_bytes(cache, model.config),
+                      kernels)
     except torch.cuda.OutOfMemoryError as err:
         print(f"OOM: decode {method} {context}: {str(err).splitlines()[0]}")
         point = Point("decode", method, context, None, None, None, None)
@@ -229,26 +243,29 @@ def _ratio(a, b):
     return None if a is None or b is None else a / b
 
 
-def summarise_decode(points: list[Point], wbytes: int, bandwidth: float) -> list[dict]:
+def summarise_decode(points: list[Point], config, wbytes: int, bandwidth: float) -> list[dict]:
     by = {(p.method, p.context): p for p in points}
     rows = []
     for context in sorted({p.context for p in points}):
         hf, full, duo = (by.get((m, context)) for m in METHODS)
-        ideal = _ratio(wbytes + (hf.kv_bytes or full_kv_bytes_guess(full)), wbytes + duo.kv_bytes) if duo.kv_bytes else None
+        ideal = _ratio(wbytes + full_kv_bytes(config, context), wbytes + duo.kv_bytes) if duo.kv_bytes else None
         speedup = _ratio(hf.ms, duo.ms)
+        kernel_speedup = _ratio(full.kernel_ms, duo.kernel_ms)
         rows.append({
             "context": context,
             "hf ms": hf.ms, "duo-full ms": full.ms, "duo ms": duo.ms,
             "speedup vs hf": speedup, "ideal": ideal, "of ideal": _ratio(speedup, ideal),
             "hf GiB": hf.peak_gib, "duo GiB": duo.peak_gib,
-            "duo GB/s % copy": None if duo.ms is None else 100 * (wbytes + duo.kv_bytes) / (duo.ms / 1e3) / bandwidth,
-            "hf GB/s % copy": None if hf.ms is None else 100 * (wbytes + hf.kv_bytes) / (hf.ms / 1e3) / bandwidth,
+            "kernel ms hf": hf.kernel_ms, "kernel ms duo-full": full.kernel_ms, "kernel ms duo": duo.kernel_ms,
+            "kernel speedup vs duo-full": kernel_speedup, "kernel of ideal": _ratio(kernel_speedup, ideal),
+            "duo kernel BW % copy": _bandwidth_share(wbytes + (duo.kv_bytes or 0), duo.kernel_ms, bandwidth),
+            "duo wall BW % copy": _bandwidth_share(wbytes + (duo.kv_bytes or 0), duo.ms, bandwidth),
         })
     return rows
 
 
-def full_kv_bytes_guess(point: Point | None) -> int | None:
-    return None if point is None else point.kv_bytes
+def _bandwidth_share(nbytes: int, ms: float | None, bandwidth: float) -> float | None:
+    return None if ms is None else 100 * nbytes / (ms / 1e3) / bandwidth
 
 
 def summarise_prefill(points: list[Point], config, retrieval: float, window: int) -> list[dict]:
@@ -331,9 +348,13 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(meta))
     name = f"{args.shape}-r{retrieval:.2f}"
     points: list[Point] = []
-    report = [f"# {args.shape}, {retrieval:.0%} retrieval heads ({mask_source}), sink {args.sink} + recent {args.recent}",
-              "", f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}; "
-              f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write).", ""]
+    report = [
+        f"# {args.shape}, {retrieval:.0%} retrieval heads ({mask_source}), sink {args.sink} + recent {args.recent}",
+        "",
+        f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}; "
+        f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write).",
+        "",
+    ]
 
     if args.decode_contexts:
         decode = []
@@ -344,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(point, flush=True)
                 decode.append(point)
         points += decode
-        rows = summarise_decode(decode, wbytes, bandwidth)
+        rows = summarise_decode(decode, config, wbytes, bandwidth)
         columns = list(rows[0])
         report += ["## Decode (median ms per token)", "", markdown_table(rows, columns), ""]
         plot(rows, "context", ["hf ms", "duo-full ms", "duo ms"], "ms / token", f"decode, {name}",
@@ -367,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.kv_context:
         kv_rows = []
         for sparsity in (0.0, 0.25, 0.5, 0.75, 0.9):
-            ratio_mask = sparsify_attention_heads(np.where(mask, 1.0, 0.0) + np.random.default_rng(1).random(mask.shape) * 0.5,
-                                                  sparsity=sparsity)[0]
+            ranking = 0.5 * mask + 0.5 * np.random.default_rng(1).random(mask.shape)  # the pattern's heads first
+            ratio_mask = sparsify_attention_heads(ranking, sparsity=sparsity)[0]
             set_method(model, "duo", ratio_mask, args.sink, args.recent)
             cache = make_cache(model, "duo", args.kv_context, args.device)
             measured = cache.nbytes()

@@ -90,11 +90,22 @@ _compiled = None
 def flex_streaming_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scaling: float | None
 ) -> torch.Tensor:
-    """FlexAttention (compiled on CUDA, eager elsewhere) with GQA handled by the kernel."""
+    """FlexAttention (compiled on CUDA, eager elsewhere), one KV head (and its query group) per call.
+
+    Layers have different numbers of streaming heads; a call per KV head keeps every call the same shape, so the
+    kernel is compiled once per chunk shape instead of once per head count.
+    """
     global _compiled
     fn = flex_attention
     if query.device.type == "cuda":
         if _compiled is None:
-            _compiled = torch.compile(flex_attention)  # head counts differ per layer: let those dims go dynamic
+            _compiled = torch.compile(flex_attention, dynamic=False)
         fn = _compiled
-    return fn(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    groups = query.shape[1] // key.shape[1]
+    out = torch.empty_like(query)
+    for h in range(key.shape[1]):
+        q = query[:, h * groups : (h + 1) * groups]
+        out[:, h * groups : (h + 1) * groups] = fn(
+            q, key[:, h : h + 1], value[:, h : h + 1], block_mask=block_mask, scale=scaling, enable_gqa=groups > 1
+        )
+    return out

@@ -53,7 +53,7 @@ def test_all_streaming_heads_match_the_sink_window_reference(arch):
         _compare_real_positions(ours, oracle_logits(oracle, ids, padding), padding)
     # and the no-cache path (use_cache=False) applies the same rule
     with torch.no_grad():
-        uncached = model(ids, use_cache=False).logits
+        uncached = model(ids, use_cache=False).logits.cpu()
     _compare_real_positions(uncached, oracle_logits(oracle, ids, padding), padding)
 
 
