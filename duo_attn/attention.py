@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from .kernels import BlockMask, flex_streaming_attention
 from .kv_cache import DuoKV, HeadLayout, select_heads
@@ -88,7 +89,11 @@ def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> tor
     retrieval_out = streaming_out = None
     if layout.retrieval_kv:
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
-        retrieval_out = _sdpa(q, kv.full_keys, kv.full_values, step.retrieval_mask, step.retrieval_is_causal, scaling)
+        mask = step.retrieval_mask
+        if step.retrieval_causal == "lower_right":  # flash attention's own causal alignment for a chunk after a cache
+            mask = causal_lower_right(q.shape[2], kv.full_keys.shape[2])
+        is_causal = step.retrieval_causal == "top_left"
+        retrieval_out = _sdpa(q, kv.full_keys, kv.full_values, mask, is_causal, scaling)
     if layout.streaming_kv:
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
         if isinstance(step.streaming_mask, BlockMask):

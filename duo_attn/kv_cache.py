@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .kernels import BlockMask, streaming_block_mask, use_flex
@@ -78,8 +77,8 @@ class DuoStep:
     num_new: int
     cached_before: int
     query_pos: torch.Tensor  # [B, Q]
-    retrieval_mask: torch.Tensor | CausalBias | None  # [B, 1, Q, K], lower-right causal, or None (all visible)
-    retrieval_is_causal: bool  # no cache before, no padding: SDPA's own causal mask is exact
+    retrieval_mask: torch.Tensor | None  # [B, 1, Q, K], or None: causal (see below) or all keys visible
+    retrieval_causal: str | None  # "top_left" (nothing cached, no padding) or "lower_right" (a chunk after cache)
     streaming_mask: torch.Tensor | BlockMask | None  # [B, 1, Q, slots (+ Q when concatenating)], block mask, or None
     concat_streaming: bool  # prefill chunk: attend to old slots + the chunk, then write; decode: write, then attend
     ring_src: torch.Tensor | None  # chunk indices written to the ring
@@ -307,13 +306,9 @@ class DuoCache(Cache):
         n = self.seen
         key_pos = self._record_positions(query_pos)
         if self.has_padding:
-            retrieval_mask, is_causal = allowed_keys(query_pos, key_pos), False
-        elif num_new == 1:
-            retrieval_mask, is_causal = None, False
-        elif n == 0:
-            retrieval_mask, is_causal = None, True
+            retrieval_mask, causal = allowed_keys(query_pos, key_pos), None
         else:
-            retrieval_mask, is_causal = causal_lower_right(num_new, n + num_new), False
+            retrieval_mask, causal = None, None if num_new == 1 else "top_left" if n == 0 else "lower_right"
 
         concat = num_new > 1
         old_slots = self.slot_pos
@@ -330,7 +325,7 @@ class DuoCache(Cache):
             )
 
         self.plan.step = DuoStep(
-            num_new, n, query_pos, retrieval_mask, is_causal, streaming_mask, concat, ring_src, ring_dst, sink_writes
+            num_new, n, query_pos, retrieval_mask, causal, streaming_mask, concat, ring_src, ring_dst, sink_writes
         )
         self.slot_pos = new_slots
         self.real_seen = self.real_seen + (query_pos >= 0).sum(-1)

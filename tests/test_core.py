@@ -289,3 +289,19 @@ def test_a_dropped_cache_frees_its_memory_without_the_garbage_collector():
         assert all(ref() is None for ref in held), "a reference cycle keeps the KV tensors alive"
     finally:
         gc.enable()
+
+
+def test_a_cache_can_be_deep_copied_and_both_copies_continue_alike():
+    import copy
+
+    model = device_model("llama")
+    cfg = model.config
+    enable_duo_attention_eval(model, np.array([[True, False]] * cfg.num_hidden_layers), sink_size=2, recent_size=4)
+    ids = torch.randint(1, cfg.vocab_size, (1, 30), device=DEVICE)
+    with torch.no_grad():
+        cache = model(ids[:, :20]).past_key_values
+        cache = model(ids[:, 20:28], past_key_values=cache).past_key_values
+        twin = copy.deepcopy(cache)
+        a = model(ids[:, 28:], past_key_values=cache).logits
+        b = model(ids[:, 28:], past_key_values=twin).logits
+    torch.testing.assert_close(a, b)
