@@ -1,0 +1,264 @@
+"""Training-free head scores: how much attention the answer queries put outside each head's sink + recent window.
+
+A head whose answer-producing queries read far-away context (beyond the attention sinks and the recent window)
+would lose that information as a streaming head, so it should keep full attention. The score of a KV head is the
+attention mass its query heads put on such keys, averaged over the GQA group, the supervised (answer) queries and
+the samples, then divided by the largest score so the table lies in [0, 1] like learned gates. Only the answer
+queries' attention rows are formed, never the full ``L x L`` probabilities. Run ``python -m duo_attn.scoring --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AttentionInterface, PreTrainedModel
+
+from .data import PasskeyDataset, encode_haystack, load_haystack
+from .masks import allowed_keys
+from .models import SMOLLM2
+from .patterns import save_attn_pattern
+from .train import (
+    HEATMAP_FILE,
+    device_description,
+    load_model_and_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    save_gate_heatmap,
+    supervised_query_mask,
+)
+
+SCORE_ATTENTION = "duo_attn_score"
+RAW_SCORES_FILE = "raw_scores.tsv"
+
+
+def tail_attention_probs(
+    query: torch.Tensor, key: torch.Tensor, query_positions: torch.Tensor, scaling: float | None = None
+) -> torch.Tensor:
+    """Causal attention probabilities ``[B, H, T, K]`` (fp32) of the ``T`` queries ``[B, H, T, D]`` at
+    ``query_positions [T]`` over keys ``[B, H_kv, K, D]`` at positions 0..K-1."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    future = torch.arange(key.shape[2], device=key.device)[None, :] > query_positions[:, None]
+    return logits.masked_fill(future, float("-inf")).softmax(-1)
+
+
+def far_attention_mass(
+    probs: torch.Tensor, query_positions: torch.Tensor, num_kv_heads: int, sink_size: int, recent_size: int
+) -> torch.Tensor:
+    """Attention mass ``[B, H_kv]`` on keys a streaming head could not see, averaged over each KV head's query heads
+    and over the ``T`` queries. ``probs`` is ``[B, H, T, K]`` over key positions 0..K-1."""
+    batch, heads, _, length = probs.shape
+    key_positions = torch.arange(length, device=probs.device)[None]
+    causal = allowed_keys(query_positions[None], key_positions)[0, 0]
+    near = allowed_keys(query_positions[None], key_positions, sink_size=sink_size, recent_size=recent_size)[0, 0]
+    far = (probs * (causal & ~near)).sum(-1).mean(-1)  # [B, H]
+    return far.view(batch, num_kv_heads, heads // num_kv_heads).mean(-1)
+
+
+class ScoreRecorder:
+    """Collects far-attention mass per (layer, KV head) while the model runs normally; shared by all layers."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, sink_size: int, recent_size: int):
+        self.sink_size, self.recent_size = sink_size, recent_size
+        self.sums = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)
+        self.counts = torch.zeros(num_layers, 1, dtype=torch.float64)
+        self.query_positions: torch.Tensor | None = None
+
+    def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
+        """Score one layer's attention for the current sample's answer queries."""
+        positions = self.query_positions
+        probs = tail_attention_probs(query[:, :, positions], key, positions, scaling)
+        mass = far_attention_mass(probs, positions, key.shape[1], self.sink_size, self.recent_size)
+        self.sums[layer] += mass.sum(0).double().cpu()
+        self.counts[layer] += mass.shape[0]
+
+    def scores(self) -> np.ndarray:
+        """Mean far-attention mass ``[layers, kv_heads]`` over everything recorded."""
+        if (self.counts == 0).any():
+            raise RuntimeError("some layers recorded no attention; was the model run with the scoring attention?")
+        return (self.sums / self.counts).numpy()
+
+
+def scoring_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: ordinary causal attention that also records the answer queries' far mass."""
+    recorder: ScoreRecorder = module.duo_score_recorder
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("head scoring runs whole sequences without a cache (use_cache=False)")
+    recorder.add(module.layer_idx, query, key, scaling)
+    out = F.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def attach_recorder(model: PreTrainedModel, sink_size: int, recent_size: int) -> ScoreRecorder:
+    """Switch ``model`` to the recording attention; returns the recorder to read scores from."""
+    config = model.config
+    recorder = ScoreRecorder(config.num_hidden_layers, config.num_key_value_heads, sink_size, recent_size)
+    AttentionInterface.register(SCORE_ATTENTION, scoring_attention_forward)
+    for layer in model.base_model.layers:
+        layer.self_attn.duo_score_recorder = recorder
+    model.set_attn_implementation(SCORE_ATTENTION)
+    return recorder
+
+
+def normalise_scores(raw: np.ndarray) -> np.ndarray:
+    """Divide by the largest score so the table reads like gates in [0, 1]."""
+    top = float(raw.max())
+    if top <= 0.0:
+        raise ValueError(
+            "no head put attention outside the sink + recent window: the contexts are not longer than "
+            "sink_size + recent_size, so they cannot tell retrieval heads from streaming heads"
+        )
+    return np.clip(raw / top, 0.0, 1.0)
+
+
+@dataclasses.dataclass
+class ScoreConfig:
+    """Every setting of a scoring run; all are CLI flags and all end up in config.json."""
+
+    model: str = SMOLLM2
+    tokenizer: str = SMOLLM2
+    output_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    sink_size: int = 128
+    recent_size: int = 256
+    num_samples: int = 4
+    context_length_min: int = 1024
+    context_length_max: int = 2048
+    context_length_intervals: int = 4
+    num_passkeys: int = 10
+    passkey_kind: str = "digits"
+    passkey_length: int = 5
+    haystack: str | None = None
+    haystack_max_chars: int | None = None
+    seed: int = 42
+
+    def pattern_dir(self) -> Path:
+        """``--output-dir``, else ``attn_patterns/<model>-score-sink<S>-recent<R>``."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = Path(self.model.rstrip("/")).name or "model"
+        return Path("attn_patterns") / f"{name}-score-sink{self.sink_size}-recent{self.recent_size}"
+
+
+@torch.no_grad()
+def score_heads(config: ScoreConfig) -> Path:
+    """Score every KV head on ``num_samples`` passkey samples and write the pattern directory + heatmap."""
+    if config.num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    model, tokenizer = load_model_and_tokenizer(config.model, device, dtype, config.tokenizer, config.seed)
+    recorder = attach_recorder(model, config.sink_size, config.recent_size)
+    dataset = PasskeyDataset(
+        tokenizer,
+        encode_haystack(tokenizer, load_haystack(config.haystack, max_chars=config.haystack_max_chars)),
+        seed=config.seed,
+        num_samples=config.num_samples,
+        num_passkeys=config.num_passkeys,
+        passkey_kind=config.passkey_kind,
+        passkey_length=config.passkey_length,
+        min_context=config.context_length_min,
+        max_context=config.context_length_max,
+        num_intervals=config.context_length_intervals,
+    )
+    tokens = 0
+    for index in tqdm(range(len(dataset)), desc="scoring heads", dynamic_ncols=True, file=sys.stderr):
+        sample = dataset[index]
+        recorder.query_positions = supervised_query_mask(sample.labels).nonzero()[:, 0].to(device)
+        model.base_model(input_ids=sample.input_ids[None].to(device), use_cache=False)
+        tokens += len(sample.input_ids)
+    raw = recorder.scores()
+    scores = normalise_scores(raw)
+
+    out = config.pattern_dir()
+    info = {
+        **dataclasses.asdict(config),
+        "method": "duo_attn.scoring (far attention mass of answer queries, divided by the max)",
+        "raw_score_max": float(raw.max()),
+        "raw_score_mean": float(raw.mean()),
+        "model_type": model.config.model_type,
+        "num_layers": scores.shape[0],
+        "num_kv_heads": scores.shape[1],
+        "num_attention_heads": model.config.num_attention_heads,
+        "resolved_device": str(device),
+        "resolved_dtype": str(dtype).removeprefix("torch."),
+        "device_name": device_description(device),
+        "tokens_scored": tokens,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    info.pop("output_dir")
+    save_attn_pattern(out, scores, config.sink_size, config.recent_size, info)
+    np.savetxt(out / RAW_SCORES_FILE, raw, delimiter="\t")
+    title = f"{Path(config.model).name} head scores (sink {config.sink_size}, recent {config.recent_size})"
+    save_gate_heatmap(scores, out / HEATMAP_FILE, title)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI flags mirror `ScoreConfig` one to one."""
+    d = ScoreConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m duo_attn.scoring",
+        description="Score KV heads without training: attention mass of the passkey answers' queries outside each "
+        "head's sink + recent window (1 = most retrieval-like). Writes a pattern directory usable like learned gates.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=d.model, help="'smollm2', a local model directory, or tiny-<arch> (smoke tests)")
+    p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer for tiny-<arch> models")
+    p.add_argument("--output-dir", default=d.output_dir, help="pattern directory (default attn_patterns/<model>-score-sink<S>-recent<R>)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, ...")
+    p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--sink-size", type=int, default=d.sink_size, help="attention-sink tokens of streaming heads")
+    p.add_argument("--recent-size", type=int, default=d.recent_size, help="recent-window tokens of streaming heads")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="passkey samples to average over")
+    p.add_argument("--context-length-min", type=int, default=d.context_length_min, help="shortest sample (tokens)")
+    p.add_argument("--context-length-max", type=int, default=d.context_length_max, help="longest sample (tokens)")
+    p.add_argument("--context-length-intervals", type=int, default=d.context_length_intervals,
+                   help="number of evenly spaced context lengths between min and max")  # fmt: skip
+    p.add_argument("--num-passkeys", type=int, default=d.num_passkeys, help="passkeys hidden per sample")
+    p.add_argument("--passkey-kind", choices=("digits", "words"), default=d.passkey_kind, help="passkey alphabet")
+    p.add_argument("--passkey-length", type=int, default=d.passkey_length, help="digits or words per passkey")
+    p.add_argument("--haystack", default=d.haystack, help=".txt/.jsonl/.jsonl.zst filler (default: offline text)")
+    p.add_argument("--haystack-max-chars", type=int, default=d.haystack_max_chars, help="read at most this much")
+    p.add_argument("--seed", type=int, default=d.seed, help="data seed")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    config = ScoreConfig(**vars(build_parser().parse_args(argv)))
+    out = score_heads(config)
+    print(f"head scores written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
