@@ -11,6 +11,8 @@ applied inside the listed blocks by the mask function.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,14 +41,43 @@ def use_flex(device: torch.device, num_queries: int) -> bool:
     return num_queries >= MIN_FLEX_QUERIES and (mode == "always" or device.type == "cuda")
 
 
+@dataclass
+class _MaskEntry:
+    block_mask: BlockMask
+    base: torch.Tensor  # 0-d: position of the chunk's first query
+    slots: torch.Tensor  # [slots]: position held in each cached slot
+
+
+_MASKS: OrderedDict[tuple, _MaskEntry] = OrderedDict()
+_MAX_MASKS = 16
+
+
 def streaming_block_mask(
     slot_pos: torch.Tensor, cached: int, num_queries: int, sink_size: int, recent_size: int
 ) -> BlockMask:
     """Block mask for queries at positions ``cached + t`` over keys ``[slots (positions slot_pos), the chunk]``.
 
-    Assumes no padding (positions equal cache indices), which is when the pre-fill fast path is taken.
+    Assumes no padding (positions equal cache indices), which is when the pre-fill fast path is taken. One mask is
+    kept per shape; its mask function reads the positions from tensors updated in place, so the same function object
+    (and the same compiled kernel) serves every chunk of that shape.
     """
-    num_slots, device = slot_pos.shape[0], slot_pos.device
+    chunk_sinks = max(0, min(sink_size - cached, num_queries))
+    key = (slot_pos.shape[0], num_queries, sink_size, recent_size, chunk_sinks, slot_pos.device)
+    entry = _MASKS.get(key)
+    if entry is None:
+        entry = _build_mask(slot_pos.shape[0], num_queries, sink_size, recent_size, chunk_sinks, slot_pos.device)
+        _MASKS[key] = entry
+        if len(_MASKS) > _MAX_MASKS:
+            _MASKS.popitem(last=False)
+    _MASKS.move_to_end(key)
+    entry.base.fill_(cached)
+    entry.slots.copy_(slot_pos.clamp(min=-1))
+    return entry.block_mask
+
+
+def _build_mask(
+    num_slots: int, num_queries: int, sink_size: int, recent_size: int, chunk_sinks: int, device: torch.device
+) -> _MaskEntry:
     num_keys = num_slots + num_queries
     q_blocks = -(-num_queries // BLOCK)
     k_blocks = -(-num_keys // BLOCK)
@@ -55,22 +86,18 @@ def streaming_block_mask(
     # keys of the chunk that a query block may read: its window, plus the chunk's own sink tokens (first chunks)
     window_lo = num_slots + np.maximum(first_q - recent_size + 1, 0)
     window_hi = num_slots + last_q
-    chunk_sinks = max(0, min(sink_size - cached, num_queries))
-    lists = []
+    indices = np.zeros((q_blocks, k_blocks), dtype=np.int32)  # flex expects one column per key block
+    counts = []
     for q in range(q_blocks):
         blocks = set(range(-(-num_slots // BLOCK)))  # the cached slots (sink + ring), a few blocks at most
         blocks.update(range(window_lo[q] // BLOCK, window_hi[q] // BLOCK + 1))
         if chunk_sinks:
             blocks.update(range(num_slots // BLOCK, (num_slots + min(chunk_sinks, last_q[q] + 1) - 1) // BLOCK + 1))
-        lists.append(sorted(b for b in blocks if b < k_blocks))
-    indices = np.zeros((q_blocks, k_blocks), dtype=np.int32)  # flex expects one column per key block
-    for q, row in enumerate(lists):
+        row = sorted(b for b in blocks if b < k_blocks)
         indices[q, : len(row)] = row
-    counts = torch.tensor([len(row) for row in lists], dtype=torch.int32, device=device)
-    kv_indices = torch.from_numpy(indices).to(device)
-
-    base = torch.tensor(cached, device=device)
-    slots = slot_pos.clamp(min=-1)
+        counts.append(len(row))
+    base = torch.zeros((), dtype=torch.long, device=device)
+    slots = torch.full((num_slots,), -1, dtype=torch.long, device=device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         query_pos = base + q_idx
@@ -79,9 +106,14 @@ def streaming_block_mask(
         visible = (key_pos >= 0) & (key_pos <= query_pos)
         return visible & ((key_pos < sink_size) | (query_pos - key_pos < recent_size))
 
-    return BlockMask.from_kv_blocks(
-        counts[None, None], kv_indices[None, None], BLOCK_SIZE=BLOCK, mask_mod=mask_mod, seq_lengths=(num_queries, num_keys)
+    block_mask = BlockMask.from_kv_blocks(
+        torch.tensor(counts, dtype=torch.int32, device=device)[None, None],
+        torch.from_numpy(indices).to(device)[None, None],
+        BLOCK_SIZE=BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(num_queries, num_keys),
     )
+    return _MaskEntry(block_mask, base, slots)
 
 
 _compiled = None
