@@ -136,8 +136,8 @@ def flex_streaming_attention(
     groups = query.shape[1] // key.shape[1]
     out = torch.empty_like(query)
     for h in range(key.shape[1]):
-        q = query[:, h * groups : (h + 1) * groups]
-        out[:, h * groups : (h + 1) * groups] = fn(
-            q, key[:, h : h + 1], value[:, h : h + 1], block_mask=block_mask, scale=scaling, enable_gqa=groups > 1
-        )
+        heads = slice(h * groups, (h + 1) * groups)
+        # contiguous copies: a slice's strides depend on the layer's head count, and strides are compile guards
+        q, k, v = (t.contiguous() for t in (query[:, heads], key[:, h : h + 1], value[:, h : h + 1]))
+        out[:, heads] = fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
     return out
