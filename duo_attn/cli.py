@@ -11,6 +11,7 @@ COMMANDS = {
     "score": ("duo_attn.scoring", "training-free head scores from attention mass outside sink + window"),
     "niah": ("duo_attn.eval.niah", "needle-in-a-haystack grid"),
     "passkey-grid": ("duo_attn.eval.passkey_grid", "held-out multi-method passkey grid"),
+    "synthetic": ("duo_attn.eval.synthetic", "offline RULER-style synthetic suite under several methods"),
     "longbench": ("duo_attn.eval.longbench", "LongBench predict + score with the official metrics"),
     "bench": ("duo_attn.bench", "decode / pre-fill efficiency benchmark on a GPU"),
 }

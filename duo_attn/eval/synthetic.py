@@ -355,3 +355,63 @@ def format_synthetic_table(results: dict[str, dict[int, float]]) -> str:
         means.append(f"{sum(values) / len(values):.2f}")
     lines.append("| **average** | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """``python -m duo_attn.eval.synthetic``: the suite under full attention, duo at given sparsities, streaming."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..data import load_haystack
+    from ..models import load_model
+    from .niah import build_methods, window_sizes
+
+    parser = argparse.ArgumentParser(prog="python -m duo_attn.eval.synthetic", description=main.__doc__)
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (offline) or a local model directory")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--pattern", help="pattern directory for the 'duo' method")
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.5, 0.75])
+    parser.add_argument("--methods", nargs="*", default=None, choices=["full", "duo", "random", "streaming"])
+    parser.add_argument("--sink", type=int, default=None)
+    parser.add_argument("--recent", type=int, default=None)
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 2048])
+    parser.add_argument("--tasks", nargs="*", default=list(SYNTHETIC_TASKS), choices=list(SYNTHETIC_TASKS))
+    parser.add_argument("--n-samples", type=int, default=5)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/synthetic"))
+    args = parser.parse_args(argv)
+    kinds = args.methods or (["full", "duo", "streaming"] if args.pattern else ["full", "streaming"])
+    if "duo" in kinds and not args.pattern:
+        parser.error("method 'duo' needs --pattern")
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    sink, recent = window_sizes(args.pattern, args.sink, args.recent)
+    methods = build_methods(
+        model.config, kinds, sparsities=args.sparsities, sink_size=sink, recent_size=recent, pattern=args.pattern
+    )
+    haystack = load_haystack(None)
+    results = {}
+    for method in methods:
+        method.apply(model)
+        results[method.name] = run_synthetic_suite(
+            model, tokenizer, args.lengths, args.tasks, args.n_samples, chunk_size=args.chunk_size,
+            seed=args.seed, haystack=haystack,
+        )
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    report = {"config": vars(args) | {"output_dir": str(args.output_dir)},
+              "methods": [m.describe() for m in methods], "scores": results}
+    (args.output_dir / "results.json").write_text(json.dumps(report, indent=1))
+    tables = [f"## {name} ({m.retrieval_heads} retrieval heads)\n\n{format_synthetic_table(results[name])}"
+              for name, m in zip(results, methods)]
+    (args.output_dir / "summary.md").write_text("# Synthetic suite (string match, 0-100)\n\n" + "\n\n".join(tables) + "\n")
+    print("\n\n".join(tables))
+    return report
+
+
+if __name__ == "__main__":
+    main()
