@@ -3,7 +3,8 @@
 With a `DuoCache` the cache hands over a `DuoKV` (retrieval heads' full cache, streaming heads' sink + recent slots,
 and the masks of the step); without one (``use_cache=False``, or a foreign cache) the same rule is applied to plain
 key/value tensors with explicit masks. Both paths use SDPA, which on CPU and GPU avoids materialising the repeated
-K/V of grouped-query attention (``enable_gqa``).
+K/V of grouped-query attention (``enable_gqa``); flash-attn, when installed, takes the unmasked CUDA calls, and
+FlexAttention the streaming heads' pre-fill chunks (see kernels.py).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .kernels import BlockMask, flex_streaming_attention
+from .kernels import BlockMask, flash_attention, flex_streaming_attention, use_flash_attn
 from .kv_cache import DuoKV, HeadLayout, select_heads
 from .masks import allowed_keys, positions_from_padding
 
@@ -91,14 +92,20 @@ def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> tor
     if layout.retrieval_kv:
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
         mask = step.retrieval_mask
-        if step.retrieval_causal == "lower_right":  # flash attention's own causal alignment for a chunk after a cache
-            mask = causal_lower_right(q.shape[2], kv.full_keys.shape[2])
-        is_causal = step.retrieval_causal == "top_left"
-        retrieval_out = _sdpa(q, kv.full_keys, kv.full_values, mask, is_causal, scaling)
+        if mask is None and use_flash_attn(q):
+            causal = step.retrieval_causal is not None  # bottom-right alignment covers both causal cases
+            retrieval_out = flash_attention(q, kv.full_keys, kv.full_values, causal, scaling)
+        else:
+            if step.retrieval_causal == "lower_right":  # flash attention's alignment for a chunk after a cache
+                mask = causal_lower_right(q.shape[2], kv.full_keys.shape[2])
+            is_causal = step.retrieval_causal == "top_left"
+            retrieval_out = _sdpa(q, kv.full_keys, kv.full_values, mask, is_causal, scaling)
     if layout.streaming_kv:
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
         if isinstance(step.streaming_mask, BlockMask):
             streaming_out = flex_streaming_attention(q, kv.streaming_keys, kv.streaming_values, step.streaming_mask, scaling)
+        elif step.streaming_mask is None and use_flash_attn(q):  # decoding with a full window
+            streaming_out = flash_attention(q, kv.streaming_keys, kv.streaming_values, False, scaling)
         else:
             streaming_out = _sdpa(q, kv.streaming_keys, kv.streaming_values, step.streaming_mask, False, scaling)
     return _merge_heads(query, layout, retrieval_out, streaming_out)

@@ -22,6 +22,14 @@ try:
 except ImportError:  # torch without FlexAttention: dense SDPA is used instead
     BlockMask = flex_attention = None
 
+try:  # optional: used for unmasked attention when it imports
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+FLASH_DEVICES = ("cuda",)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
 BLOCK = 128
 MIN_FLEX_QUERIES = 2 * BLOCK  # below this a dense masked SDPA call is as fast
 
@@ -50,6 +58,28 @@ class _MaskEntry:
 
 _MASKS: OrderedDict[tuple, _MaskEntry] = OrderedDict()
 _MAX_MASKS = 16
+
+
+def use_flash_attn(query: torch.Tensor) -> bool:
+    """flash-attn serves the unmasked calls (no padding) on half-precision CUDA tensors when it is installed;
+    ``DUO_ATTN_FLASH_ATTN=never`` turns it off."""
+    return (
+        flash_attn_func is not None
+        and os.environ.get("DUO_ATTN_FLASH_ATTN", "auto") != "never"
+        and query.device.type in FLASH_DEVICES
+        and query.dtype in FLASH_DTYPES
+    )
+
+
+def flash_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None
+) -> torch.Tensor:
+    """``[B, H, Q, D]`` in and out. flash-attn takes ``[B, Q, H, D]``, reads GQA's shared K/V heads in place, and
+    aligns a causal mask bottom-right, which is exactly a chunk that follows a cache."""
+    out = flash_attn_func(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=causal
+    )
+    return out.transpose(1, 2)
 
 
 def streaming_block_mask(

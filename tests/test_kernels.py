@@ -11,9 +11,13 @@ from duo_attn import enable_duo_attention_eval
 from duo_attn.kernels import BLOCK, flex_attention, streaming_block_mask
 from duo_attn.masks import allowed_keys
 
-pytestmark = pytest.mark.skipif(flex_attention is None, reason="this torch has no FlexAttention")
 
 
+
+needs_flex = pytest.mark.skipif(flex_attention is None, reason="this torch has no FlexAttention")
+
+
+@needs_flex
 @settings(max_examples=60, deadline=None)
 @given(
     sink=st.integers(0, 200),
@@ -46,6 +50,7 @@ def test_block_lists_cover_every_visible_key(sink, recent, cached, num_queries):
         assert counts.max() <= (num_slots + recent) // BLOCK + 4
 
 
+@needs_flex
 def test_flex_prefill_matches_the_oracle(monkeypatch):
     monkeypatch.setenv("DUO_ATTN_FLEX", "always")
     model = device_model("llama")
@@ -58,3 +63,38 @@ def test_flex_prefill_matches_the_oracle(monkeypatch):
     enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
     ours, _ = chunked_logits(model, ids, padding, [300, 390, 1, 1, 8])
     torch.testing.assert_close(ours.double(), oracle_logits(oracle, ids, padding), atol=2e-4, rtol=1e-4)
+
+
+def _flash_attn_as_documented(q, k, v, softmax_scale=None, causal=False):
+    """flash-attn's contract: [B, S, H, D] tensors, K/V heads shared by groups of query heads, causal masks aligned
+    bottom-right (query i may read key j <= i + Sk - Sq)."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    mask = None
+    if causal:
+        sq, sk = q.shape[2], k.shape[2]
+        mask = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
+    _flash_attn_as_documented.calls += 1
+    return out.transpose(1, 2)
+
+
+def test_flash_attn_backend_is_used_and_exact(monkeypatch):
+    from duo_attn import kernels
+
+    _flash_attn_as_documented.calls = 0
+    monkeypatch.setattr(kernels, "flash_attn_func", _flash_attn_as_documented)
+    monkeypatch.setattr(kernels, "FLASH_DEVICES", (DEVICE.type,))
+    monkeypatch.setattr(kernels, "FLASH_DTYPES", (torch.float32,))
+    model = device_model("qwen2")
+    cfg = model.config
+    mask = np.array([[True, False], [False, True]])
+    sink, recent = 2, 5
+    oracle = oracle_model(model, mask, sink, recent)
+    ids = torch.randint(1, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    padding = torch.ones_like(ids)
+    enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
+    ours, _ = chunked_logits(model, ids, padding, [16, 9, 1, 1, 1, 12])
+    torch.testing.assert_close(ours.double(), oracle_logits(oracle, ids, padding), atol=2e-4, rtol=1e-4)
+    assert _flash_attn_as_documented.calls > 0
