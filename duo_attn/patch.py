@@ -92,7 +92,8 @@ def resolve_pattern(
     return mask, int(sink), int(recent)
 
 
-def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a causal LM (or of its base model), where each attention module lives."""
     base = getattr(model, "base_model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
@@ -142,7 +143,7 @@ def enable_duo_attention_eval(
     )
     config = model.config
     check_pattern_fits(mask, config.num_hidden_layers, config.num_key_value_heads)
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     layouts = [HeadLayout.from_mask(row, config.num_attention_heads) for row in mask]
 
     previous = getattr(model, "duo_attention", None)
@@ -171,7 +172,7 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
     if state is None:
         raise PatternError("duo attention is not enabled on this model")
     state.hook.remove()
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         if hasattr(layer.self_attn, "duo_layer_spec"):
             del layer.self_attn.duo_layer_spec
     model.set_attn_implementation(state.previous_attn_implementation)

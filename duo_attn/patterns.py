@@ -11,6 +11,8 @@ import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,22 +113,31 @@ def save_attn_pattern(
     directory.mkdir(parents=True, exist_ok=True)
     table = "\n".join("\t".join(f"{value:.18e}" for value in row) for row in np.clip(gates, 0, 1)) + "\n"
     settings = {**(config or {}), "sink_size": int(sink_size), "recent_size": int(recent_size)}
-    _atomic_write(directory / GATES_FILE, table)
-    _atomic_write(directory / CONFIG_FILE, json.dumps(settings, indent=2, default=str) + "\n")
+    atomic_write_text(directory / GATES_FILE, table)
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(settings, indent=2, default=str) + "\n")
     return directory
 
 
-def _atomic_write(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+@contextmanager
+def atomic_path(target: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+    """A temporary path beside ``target`` to write to; it replaces ``target`` only if the block succeeds, so a kill
+    mid-write leaves the previous file intact. The temporary file never outlives the block."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield Path(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    """Replace ``target`` with ``text`` (UTF-8, synced to disk before the rename) through `atomic_path`."""
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def sparsify_attention_heads(

@@ -15,26 +15,23 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
-from .data import PasskeyDataset, encode_haystack, load_haystack
 from .masks import allowed_keys
-from .models import SMOLLM2
+from .patch import decoder_layers
 from .patterns import save_attn_pattern
 from .train import (
     HEATMAP_FILE,
-    device_description,
-    load_model_and_tokenizer,
-    resolve_device,
-    resolve_dtype,
+    PasskeyRunConfig,
+    add_passkey_run_flags,
+    run_provenance,
     save_gate_heatmap,
     supervised_query_mask,
 )
@@ -118,7 +115,7 @@ def attach_recorder(model: PreTrainedModel, sink_size: int, recent_size: int) ->
     config = model.config
     recorder = ScoreRecorder(config.num_hidden_layers, config.num_key_value_heads, sink_size, recent_size)
     AttentionInterface.register(SCORE_ATTENTION, scoring_attention_forward)
-    for layer in model.base_model.layers:
+    for layer in decoder_layers(model):
         layer.self_attn.duo_score_recorder = recorder
     model.set_attn_implementation(SCORE_ATTENTION)
     return recorder
@@ -136,33 +133,13 @@ def normalise_scores(raw: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class ScoreConfig:
+class ScoreConfig(PasskeyRunConfig):
     """Every setting of a scoring run; all are CLI flags and all end up in config.json."""
 
-    model: str = SMOLLM2
-    tokenizer: str = SMOLLM2
-    output_dir: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    sink_size: int = 128
-    recent_size: int = 256
-    num_samples: int = 4
-    context_length_min: int = 1024
     context_length_max: int = 2048
     context_length_intervals: int = 4
-    num_passkeys: int = 10
-    passkey_kind: str = "digits"
-    passkey_length: int = 5
-    haystack: str | None = None
-    haystack_max_chars: int | None = None
-    seed: int = 42
-
-    def pattern_dir(self) -> Path:
-        """``--output-dir``, else ``attn_patterns/<model>-score-sink<S>-recent<R>``."""
-        if self.output_dir:
-            return Path(self.output_dir)
-        name = Path(self.model.rstrip("/")).name or "model"
-        return Path("attn_patterns") / f"{name}-score-sink{self.sink_size}-recent{self.recent_size}"
+    num_samples: int = 4
+    dir_infix: ClassVar[str] = "-score"
 
 
 @torch.no_grad()
@@ -171,22 +148,9 @@ def score_heads(config: ScoreConfig) -> Path:
     if config.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    model, tokenizer = load_model_and_tokenizer(config.model, device, dtype, config.tokenizer, config.seed)
+    model, tokenizer, device, dtype = config.load_model()
     recorder = attach_recorder(model, config.sink_size, config.recent_size)
-    dataset = PasskeyDataset(
-        tokenizer,
-        encode_haystack(tokenizer, load_haystack(config.haystack, max_chars=config.haystack_max_chars)),
-        seed=config.seed,
-        num_samples=config.num_samples,
-        num_passkeys=config.num_passkeys,
-        passkey_kind=config.passkey_kind,
-        passkey_length=config.passkey_length,
-        min_context=config.context_length_min,
-        max_context=config.context_length_max,
-        num_intervals=config.context_length_intervals,
-    )
+    dataset = config.passkey_dataset(tokenizer, config.num_samples)
     tokens = 0
     for index in tqdm(range(len(dataset)), desc="scoring heads", dynamic_ncols=True, file=sys.stderr):
         sample = dataset[index]
@@ -202,17 +166,9 @@ def score_heads(config: ScoreConfig) -> Path:
         "method": "duo_attn.scoring (far attention mass of answer queries, divided by the max)",
         "raw_score_max": float(raw.max()),
         "raw_score_mean": float(raw.mean()),
-        "model_type": model.config.model_type,
-        "num_layers": scores.shape[0],
-        "num_kv_heads": scores.shape[1],
-        "num_attention_heads": model.config.num_attention_heads,
-        "resolved_device": str(device),
-        "resolved_dtype": str(dtype).removeprefix("torch."),
-        "device_name": device_description(device),
+        **run_provenance(model, device, dtype),
         "tokens_scored": tokens,
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
     }
     info.pop("output_dir")
     save_attn_pattern(out, scores, config.sink_size, config.recent_size, info)
@@ -231,23 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
         "head's sink + recent window (1 = most retrieval-like). Writes a pattern directory usable like learned gates.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=d.model, help="'smollm2', a local model directory, or tiny-<arch> (smoke tests)")
-    p.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer for tiny-<arch> models")
-    p.add_argument("--output-dir", default=d.output_dir, help="pattern directory (default attn_patterns/<model>-score-sink<S>-recent<R>)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, ...")
-    p.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--sink-size", type=int, default=d.sink_size, help="attention-sink tokens of streaming heads")
-    p.add_argument("--recent-size", type=int, default=d.recent_size, help="recent-window tokens of streaming heads")
+    add_passkey_run_flags(d, p, p, p)
+    p.add_argument("--output-dir", default=d.output_dir,
+                   help="pattern directory (default attn_patterns/<model>-score-sink<S>-recent<R>)")  # fmt: skip
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="passkey samples to average over")
-    p.add_argument("--context-length-min", type=int, default=d.context_length_min, help="shortest sample (tokens)")
-    p.add_argument("--context-length-max", type=int, default=d.context_length_max, help="longest sample (tokens)")
-    p.add_argument("--context-length-intervals", type=int, default=d.context_length_intervals,
-                   help="number of evenly spaced context lengths between min and max")  # fmt: skip
-    p.add_argument("--num-passkeys", type=int, default=d.num_passkeys, help="passkeys hidden per sample")
-    p.add_argument("--passkey-kind", choices=("digits", "words"), default=d.passkey_kind, help="passkey alphabet")
-    p.add_argument("--passkey-length", type=int, default=d.passkey_length, help="digits or words per passkey")
-    p.add_argument("--haystack", default=d.haystack, help=".txt/.jsonl/.jsonl.zst filler (default: offline text)")
-    p.add_argument("--haystack-max-chars", type=int, default=d.haystack_max_chars, help="read at most this much")
     p.add_argument("--seed", type=int, default=d.seed, help="data seed")
     return p
 

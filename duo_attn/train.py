@@ -15,12 +15,11 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -33,7 +32,8 @@ from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenize
 from .data import IGNORE_INDEX, PasskeyDataset, encode_haystack, load_haystack
 from .masks import allowed_keys
 from .models import SMOLLM2, load_model, load_tokenizer, tiny_model
-from .patterns import save_attn_pattern
+from .patch import decoder_layers
+from .patterns import atomic_path, atomic_write_text, save_attn_pattern
 
 TRAIN_ATTENTION = "duo_attn_train"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -95,6 +95,21 @@ def device_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
 
 
+def run_provenance(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The model, hardware and library versions behind a pattern, for its config.json."""
+    return {
+        "model_type": model.config.model_type,
+        "num_layers": model.config.num_hidden_layers,
+        "num_kv_heads": model.config.num_key_value_heads,
+        "num_attention_heads": model.config.num_attention_heads,
+        "resolved_device": str(device),
+        "resolved_dtype": str(dtype).removeprefix("torch."),
+        "device_name": device_description(device),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
 def save_gate_heatmap(gates: np.ndarray, path: str | os.PathLike, title: str) -> Path:
     """Layers x KV heads picture of a gate or score table; written atomically."""
     import matplotlib
@@ -112,20 +127,12 @@ def save_gate_heatmap(gates: np.ndarray, path: str | os.PathLike, title: str) ->
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="gate (1 = retrieval head)")
     fig.tight_layout()
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, target)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return target
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    return list(model.base_model.layers)
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------- mixed attention
@@ -196,7 +203,7 @@ def attach_gates(model: PreTrainedModel, gates: nn.Parameter, sink_size: int, re
         raise ValueError(f"need sink_size >= 0 and recent_size >= 1, got {sink_size}, {recent_size}")
     AttentionInterface.register(TRAIN_ATTENTION, mixed_attention_forward)
     state = GateState(gates, sink_size, recent_size)
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         layer.self_attn.duo_gate_state = state
     model.set_attn_implementation(TRAIN_ATTENTION)
     return state
@@ -252,8 +259,8 @@ def gated_loss(
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a training run; all are CLI flags and all end up in the pattern's config.json."""
+class PasskeyRunConfig:
+    """Settings training and head scoring share: the model, the streaming window and the passkey data."""
 
     model: str = SMOLLM2
     tokenizer: str = SMOLLM2
@@ -262,13 +269,6 @@ class TrainConfig:
     dtype: str = "auto"
     sink_size: int = 128
     recent_size: int = 256
-    num_steps: int = 2000
-    grad_accum_steps: int = 1
-    lr: float = 0.02
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    reg_weight: float = 0.05
-    distill_reduction: str = "mean"
     context_length_min: int = 1024
     context_length_max: int = 8192
     context_length_intervals: int = 8
@@ -278,18 +278,84 @@ class TrainConfig:
     haystack: str | None = None
     haystack_max_chars: int | None = None
     seed: int = 42
+    # Tells the default pattern directories of different methods apart.
+    dir_infix: ClassVar[str] = ""
+
+    def pattern_dir(self) -> Path:
+        """``--output-dir``, else ``attn_patterns/<model><dir_infix>-sink<S>-recent<R>``."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = Path(self.model.rstrip("/")).name or "model"
+        return Path("attn_patterns") / f"{name}{self.dir_infix}-sink{self.sink_size}-recent{self.recent_size}"
+
+    def load_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.device, torch.dtype]:
+        """The model and tokenizer on the resolved device and dtype, which are returned too."""
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        model, tokenizer = load_model_and_tokenizer(self.model, device, dtype, self.tokenizer, self.seed)
+        return model, tokenizer, device, dtype
+
+    def passkey_dataset(self, tokenizer: PreTrainedTokenizerBase, num_samples: int) -> PasskeyDataset:
+        """``num_samples`` passkey samples drawn as these settings say."""
+        haystack = load_haystack(self.haystack, max_chars=self.haystack_max_chars)
+        return PasskeyDataset(
+            tokenizer,
+            encode_haystack(tokenizer, haystack),
+            seed=self.seed,
+            num_samples=num_samples,
+            num_passkeys=self.num_passkeys,
+            passkey_kind=self.passkey_kind,
+            passkey_length=self.passkey_length,
+            min_context=self.context_length_min,
+            max_context=self.context_length_max,
+            num_intervals=self.context_length_intervals,
+        )
+
+
+ArgumentContainer = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def add_passkey_run_flags(
+    defaults: PasskeyRunConfig, model: ArgumentContainer, window: ArgumentContainer, data: ArgumentContainer
+) -> None:
+    """The flags of `PasskeyRunConfig`, into the given parser or groups; --output-dir and --seed are left to each
+    command, whose help for them differs."""
+    d = defaults
+    model.add_argument("--model", default=d.model,
+                       help="'smollm2', a local model directory, or tiny-<arch> (smoke tests)")  # fmt: skip
+    model.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer for tiny-<arch> models")
+    model.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    model.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    window.add_argument("--sink-size", type=int, default=d.sink_size, help="attention-sink tokens of streaming heads")
+    window.add_argument("--recent-size", type=int, default=d.recent_size,
+                        help="recent-window tokens of streaming heads")  # fmt: skip
+    data.add_argument("--context-length-min", type=int, default=d.context_length_min, help="shortest sample (tokens)")
+    data.add_argument("--context-length-max", type=int, default=d.context_length_max, help="longest sample (tokens)")
+    data.add_argument("--context-length-intervals", type=int, default=d.context_length_intervals,
+                      help="number of evenly spaced context lengths between min and max")  # fmt: skip
+    data.add_argument("--num-passkeys", type=int, default=d.num_passkeys, help="passkeys hidden per sample")
+    data.add_argument("--passkey-kind", choices=("digits", "words"), default=d.passkey_kind, help="passkey alphabet")
+    data.add_argument("--passkey-length", type=int, default=d.passkey_length, help="digits or words per passkey")
+    data.add_argument("--haystack", default=d.haystack, help=".txt/.jsonl/.jsonl.zst filler (default: offline text)")
+    data.add_argument("--haystack-max-chars", type=int, default=d.haystack_max_chars, help="read at most this much")
+
+
+@dataclasses.dataclass
+class TrainConfig(PasskeyRunConfig):
+    """Every setting of a training run; all are CLI flags and all end up in the pattern's config.json."""
+
+    num_steps: int = 2000
+    grad_accum_steps: int = 1
+    lr: float = 0.02
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    reg_weight: float = 0.05
+    distill_reduction: str = "mean"
     activation_checkpointing: bool = True
     checkpoint_every: int = 50
     resume: bool = False
     stop_after_steps: int | None = None
     max_minutes: float | None = None
-
-    def pattern_dir(self) -> Path:
-        """``--output-dir``, else ``attn_patterns/<model>-sink<S>-recent<R>``."""
-        if self.output_dir:
-            return Path(self.output_dir)
-        name = Path(self.model.rstrip("/")).name or "model"
-        return Path("attn_patterns") / f"{name}-sink{self.sink_size}-recent{self.recent_size}"
 
     def check(self) -> None:
         """Fail before loading anything when a setting is out of range."""
@@ -318,45 +384,33 @@ def build_parser() -> argparse.ArgumentParser:
         "multi-passkey data. Writes a pattern directory for load_attn_pattern / enable_duo_attention_eval.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d.model, help="'smollm2', a local model directory, or tiny-<arch> (smoke tests)")
-    g.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer for tiny-<arch> models")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    g.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
-                   help="keep all activations (faster, more memory)")  # fmt: skip
-    g = p.add_argument_group("attention pattern")
-    g.add_argument("--sink-size", type=int, default=d.sink_size, help="attention-sink tokens of streaming heads")
-    g.add_argument("--recent-size", type=int, default=d.recent_size, help="recent-window tokens of streaming heads")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--num-steps", type=int, default=d.num_steps, help="optimizer steps")
-    g.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps, help="samples per optimizer step")
-    g.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="linear warm-up share, then linear decay")
-    g.add_argument("--reg-weight", type=float, default=d.reg_weight, help="weight of the mean |gate| penalty")
-    g.add_argument("--distill-reduction", choices=DISTILL_REDUCTIONS, default=d.distill_reduction,
-                   help="squared hidden-state error over the hidden dimension: mean (per-element MSE) or sum "
-                        "(squared L2; needs a ~hidden_size times larger --reg-weight)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=d.seed, help="data and RNG seed")
-    g = p.add_argument_group("data")
-    g.add_argument("--context-length-min", type=int, default=d.context_length_min, help="shortest sample (tokens)")
-    g.add_argument("--context-length-max", type=int, default=d.context_length_max, help="longest sample (tokens)")
-    g.add_argument("--context-length-intervals", type=int, default=d.context_length_intervals,
-                   help="number of evenly spaced context lengths between min and max")  # fmt: skip
-    g.add_argument("--num-passkeys", type=int, default=d.num_passkeys, help="passkeys hidden per sample")
-    g.add_argument("--passkey-kind", choices=("digits", "words"), default=d.passkey_kind, help="passkey alphabet")
-    g.add_argument("--passkey-length", type=int, default=d.passkey_length, help="digits or words per passkey")
-    g.add_argument("--haystack", default=d.haystack, help=".txt/.jsonl/.jsonl.zst filler (default: offline text)")
-    g.add_argument("--haystack-max-chars", type=int, default=d.haystack_max_chars, help="read at most this much")
-    g = p.add_argument_group("run control")
-    g.add_argument("--output-dir", default=d.output_dir, help="pattern directory (default attn_patterns/<model>-sink<S>-recent<R>)")
-    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
-    g.add_argument("--resume", action="store_true", help="continue from the output directory's checkpoint if any")
-    g.add_argument("--stop-after-steps", type=int, default=d.stop_after_steps,
-                   help="checkpoint and exit after this many steps in this invocation (resume later)")  # fmt: skip
-    g.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                   help="checkpoint and exit once this invocation has run this long (resume later)")  # fmt: skip
+    model = p.add_argument_group("model")
+    window = p.add_argument_group("attention pattern")
+    opt = p.add_argument_group("optimisation")
+    data = p.add_argument_group("data")
+    run = p.add_argument_group("run control")
+    add_passkey_run_flags(d, model, window, data)
+    model.add_argument("--no-activation-checkpointing", dest="activation_checkpointing", action="store_false",
+                       help="keep all activations (faster, more memory)")  # fmt: skip
+    opt.add_argument("--num-steps", type=int, default=d.num_steps, help="optimizer steps")
+    opt.add_argument("--grad-accum-steps", type=int, default=d.grad_accum_steps, help="samples per optimizer step")
+    opt.add_argument("--lr", type=float, default=d.lr, help="AdamW peak learning rate")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    opt.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
+                     help="linear warm-up share, then linear decay")  # fmt: skip
+    opt.add_argument("--reg-weight", type=float, default=d.reg_weight, help="weight of the mean |gate| penalty")
+    opt.add_argument("--distill-reduction", choices=DISTILL_REDUCTIONS, default=d.distill_reduction,
+                     help="squared hidden-state error over the hidden dimension: mean (per-element MSE) or sum "
+                          "(squared L2; needs a ~hidden_size times larger --reg-weight)")  # fmt: skip
+    opt.add_argument("--seed", type=int, default=d.seed, help="data and RNG seed")
+    run.add_argument("--output-dir", default=d.output_dir,
+                     help="pattern directory (default attn_patterns/<model>-sink<S>-recent<R>)")  # fmt: skip
+    run.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue from the output directory's checkpoint if any")
+    run.add_argument("--stop-after-steps", type=int, default=d.stop_after_steps,
+                     help="checkpoint and exit after this many steps in this invocation (resume later)")  # fmt: skip
+    run.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                     help="checkpoint and exit once this invocation has run this long (resume later)")  # fmt: skip
     return p
 
 
@@ -386,13 +440,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomic: a kill during the write leaves the previous checkpoint intact."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -473,27 +522,13 @@ def train(config: TrainConfig) -> Path | None:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-    model, tokenizer = load_model_and_tokenizer(config.model, device, dtype, config.tokenizer, config.seed)
+    model, tokenizer, device, dtype = config.load_model()
     model.requires_grad_(False)
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # activation checkpointing is active in training mode only; these models have no dropout
 
-    haystack = load_haystack(config.haystack, max_chars=config.haystack_max_chars)
-    dataset = PasskeyDataset(
-        tokenizer,
-        encode_haystack(tokenizer, haystack),
-        seed=config.seed,
-        num_samples=config.num_steps * config.grad_accum_steps,
-        num_passkeys=config.num_passkeys,
-        passkey_kind=config.passkey_kind,
-        passkey_length=config.passkey_length,
-        min_context=config.context_length_min,
-        max_context=config.context_length_max,
-        num_intervals=config.context_length_intervals,
-    )
+    dataset = config.passkey_dataset(tokenizer, config.num_steps * config.grad_accum_steps)
 
     shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
     gates = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))
@@ -566,31 +601,19 @@ def _write_outputs(
     info = {
         **settings,
         "method": "duo_attn.train (gate distillation)",
-        "model_type": model.config.model_type,
-        "num_layers": gates.shape[0],
-        "num_kv_heads": gates.shape[1],
-        "num_attention_heads": model.config.num_attention_heads,
-        "resolved_device": str(device),
-        "resolved_dtype": str(dtype).removeprefix("torch."),
-        "device_name": device_description(device),
+        **run_provenance(model, device, dtype),
         "wall_time_s": round(elapsed, 2),
         "seconds_per_step": round(elapsed / max(1, len(history)), 3),
         "final_loss": float(np.mean([r["loss"] for r in tail])),
         "final_distill": float(np.mean([r["distill"] for r in tail])),
         "mean_gate": float(gates.mean()),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
     }
     if device.type == "cuda":
         info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     save_attn_pattern(out, gates, config.sink_size, config.recent_size, info)
     title = f"{Path(config.model).name} gates (sink {config.sink_size}, recent {config.recent_size})"
     save_gate_heatmap(gates, out / HEATMAP_FILE, title)
-    log = "".join(json.dumps(record) + "\n" for record in history)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{LOG_FILE}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(log)
-    os.replace(tmp, out / LOG_FILE)
+    atomic_write_text(out / LOG_FILE, "".join(json.dumps(record) + "\n" for record in history))
     return out
 
 

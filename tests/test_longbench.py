@@ -11,45 +11,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from helpers import CHAT_TEMPLATE, byte_level_tokenizer, tiny_llama
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from duo_attn.eval import longbench as lb
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 FIXTURE_TASKS = ["hotpotqa", "trec", "samsum", "multifieldqa_zh"]
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (any text, Chinese included, round-trips exactly) trained on the fixture prompts."""
+    """Trained on the fixture prompts, Chinese included."""
     corpus = [path.read_text(encoding="utf-8") for path in sorted(FIXTURES.glob("*.jsonl"))]
     corpus += list(lb.TASK_PROMPTS.values())
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matrices are too small to gain from threads, and spinning threads on a busy 2-core machine
-    made these tests several times slower; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    return byte_level_tokenizer(corpus, 600)
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +35,7 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def model(tokenizer) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(len(tokenizer))
 
 
 @pytest.fixture

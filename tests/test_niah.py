@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import byte_level_tokenizer
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from duo_attn import DuoCache, disable_duo_attention, enable_duo_attention_eval, save_attn_pattern
@@ -17,10 +17,6 @@ from duo_attn.eval import niah, passkey_grid
 from duo_attn.eval.niah import build_methods, key_only, kv_bytes, new_cache, prefill, score_answer
 from duo_attn.models import tiny_model
 
-CHATML = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SINK, RECENT = 4, 8
 # tiny_model: 2 layers, 2 KV heads of dim 16, fp32.
 LAYERS, KV_HEADS, HEAD_DIM, FP32 = 2, 2, 16, 4
@@ -28,23 +24,8 @@ LAYERS, KV_HEADS, HEAD_DIM, FP32 = 2, 2, 16, 4
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE with a ChatML template, trained offline on the default haystack (as tests/test_data.py does)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([load_haystack(max_chars=20_000)], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        chat_template=CHATML,
-    )
+    """ChatML, trained on the default haystack (as tests/test_data.py does)."""
+    return byte_level_tokenizer([load_haystack(max_chars=20_000)], 600, chatml=True)
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,8 @@ import re
 from collections import Counter
 
 import pytest
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from helpers import CHAT_TEMPLATE, byte_level_tokenizer, tiny_llama
+from transformers import PreTrainedTokenizerFast
 
 from duo_attn.eval import synthetic as syn
 
@@ -16,42 +15,18 @@ HAYSTACK = (
     "Bees visit many flowers in one morning. Their wings beat very fast! Why do they dance? "
     "They tell the hive where food can be found."
 )
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 LENGTH = 1000
 # the prompt stops short of the target by less than one filler unit plus a needle (about 40 tokens here)
 TOLERANCE = 80
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
-    """Offline byte-level BPE: every string round-trips, numbers and made-up words split into a few tokens."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=500,
-        special_tokens=["<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([*syn.FILLER_SENTENCES, HAYSTACK, "The special number for is VAR"], trainer)
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    """Numbers and made-up words split into a few tokens."""
+    tokenizer = byte_level_tokenizer([*syn.FILLER_SENTENCES, HAYSTACK, "The special number for is VAR"], 500)
     if chat:
         tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model's matrices are too small to gain from threads, and spinning threads on a busy 2-core machine
-    made these tests several times slower; restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -151,20 +126,7 @@ def test_errors(tokenizer):
 
 
 def test_runner_end_to_end(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(len(tokenizer))
     results = syn.run_synthetic_suite(model, tokenizer, [500, 700], n_samples=2, max_new_tokens=3, chunk_size=128)
     assert list(results) == list(syn.SYNTHETIC_TASKS)
     for scores in results.values():

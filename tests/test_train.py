@@ -33,6 +33,7 @@ from duo_attn.train import (
 REPO = Path(__file__).resolve().parents[1]
 SINK, RECENT = 4, 8
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(length: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,15 +94,6 @@ def test_binary_gates_match_the_inference_path(arch: str) -> None:
             mixed = trained(input_ids, use_cache=False).logits
         disable_duo_attention(reference_model)
         torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads cost a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_gradients_reach_only_the_gates() -> None:

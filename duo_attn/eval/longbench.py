@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..patterns import atomic_write_text
 from .metrics import base_task, score_task, score_task_by_length
 
 LONGBENCH_TASKS: tuple[str, ...] = (
@@ -239,19 +239,8 @@ def read_predictions(path: str | os.PathLike) -> list[dict]:
         kept.append(line)
     clean = "".join(f"{line}\n" for line in kept)
     if clean != text:
-        _atomic_write(path, clean)
+        atomic_write_text(path, clean)
     return records
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def predict_task(
@@ -366,8 +355,8 @@ def score_predictions(
     }
     if length_buckets:
         result["length_buckets"] = buckets
-    _atomic_write(out / RESULT_JSON, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(out / RESULT_MD, format_markdown(result))
+    atomic_write_text(out / RESULT_JSON, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out / RESULT_MD, format_markdown(result))
     return result
 
 

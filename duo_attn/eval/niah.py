@@ -550,6 +550,36 @@ def run_config(args: argparse.Namespace, model: PreTrainedModel, **extra: Any) -
     }
 
 
+def run_and_report(
+    args: argparse.Namespace,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    methods: Sequence[Method],
+    cells: Sequence[GridCell],
+    *,
+    title: str,
+    desc: str,
+    started: float,
+    sink_size: int,
+    recent_size: int,
+) -> dict[str, Any]:
+    """The end of a grid command line: run the grid, write the report to ``args.output_dir`` and print it; returns
+    the paths written. ``started`` is the ``time.perf_counter()`` before loading, so the reported time includes it."""
+    records = run_grid(
+        model, tokenizer, methods, cells, chunk_size=args.chunk_size, extra_new_tokens=args.extra_new_tokens,
+        desc=desc,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    config = run_config(args, model, sink_size=sink_size, recent_size=recent_size, total_seconds=seconds)
+    paths = write_report(args.output_dir, title, config, methods, records)
+    print(paths["markdown"].read_text())
+    print(
+        f"{len(records)} cells in {seconds:.1f} s ({seconds / len(records):.2f} s per cell, loading and "
+        f"teacher-forced pass included); wrote {args.output_dir}"
+    )
+    return paths
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m duo_attn.eval.niah",
@@ -591,19 +621,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tokenizer, haystack_ids, args.contexts, args.depths,
         needle=args.needle, question=args.question, answer=args.answer, answer_prefix=args.answer_prefix,
     )  # fmt: skip
-    records = run_grid(
-        model, tokenizer, methods, cells, chunk_size=args.chunk_size, extra_new_tokens=args.extra_new_tokens,
-        desc="niah",
+    return run_and_report(
+        args, model, tokenizer, methods, cells, title="Needle in a haystack", desc="niah", started=started,
+        sink_size=sink, recent_size=recent,
     )  # fmt: skip
-    seconds = time.perf_counter() - started
-    config = run_config(args, model, sink_size=sink, recent_size=recent, total_seconds=seconds)
-    paths = write_report(args.output_dir, "Needle in a haystack", config, methods, records)
-    print(paths["markdown"].read_text())
-    print(
-        f"{len(records)} cells in {seconds:.1f} s ({seconds / len(records):.2f} s per cell, loading and "
-        f"teacher-forced pass included); wrote {args.output_dir}"
-    )
-    return paths
 
 
 if __name__ == "__main__":

@@ -30,10 +30,8 @@ from .niah import (
     build_methods,
     key_only,
     load_for_eval,
-    run_config,
-    run_grid,
+    run_and_report,
     window_sizes,
-    write_report,
 )
 
 PASSKEY_NEEDLE = "The pass key is {passkey}. Remember it."
@@ -151,19 +149,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cells = passkey_cells(
         tokenizer, haystack_ids, args.contexts, args.depths, keys_per_cell=args.keys_per_cell, seed=args.key_seed
     )
-    records = run_grid(
-        model, tokenizer, methods, cells, chunk_size=args.chunk_size, extra_new_tokens=args.extra_new_tokens,
-        desc="passkey grid",
+    return run_and_report(
+        args, model, tokenizer, methods, cells, title="Held-out passkey grid", desc="passkey grid", started=started,
+        sink_size=sink, recent_size=recent,
     )  # fmt: skip
-    seconds = time.perf_counter() - started
-    config = run_config(args, model, sink_size=sink, recent_size=recent, total_seconds=seconds)
-    paths = write_report(args.output_dir, "Held-out passkey grid", config, methods, records)
-    print(paths["markdown"].read_text())
-    print(
-        f"{len(records)} cells in {seconds:.1f} s ({seconds / len(records):.2f} s per cell, loading and "
-        f"teacher-forced pass included); wrote {args.output_dir}"
-    )
-    return paths
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""Offline stand-ins that several test modules build: small byte-level BPE tokenizers and a tiny random Llama."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# A minimal template for tokenizers without ChatML tokens.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_level_tokenizer(corpus: Iterable[str], vocab_size: int, *, chatml: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on ``corpus``, so any text (Chinese included) round-trips exactly.
+
+    ``chatml``: ChatML special tokens and template, no BOS added. Otherwise ``<s>`` (id 0, prepended), ``</s>`` and
+    ``<pad>``, and no chat template.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"] if chatml else ["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer)
+    if chatml:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            bos_token="<|im_start|>",
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            chat_template=CHATML,
+        )
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
+    """A random 2-layer Llama (4 query heads, 2 KV heads) in eval mode, seeded with ``torch.manual_seed(0)``; its
+    special ids are those of the non-ChatML `byte_level_tokenizer`."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
