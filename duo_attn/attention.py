@@ -64,7 +64,7 @@ SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 
 
 def _sdpa(q, k, v, mask, is_causal: bool, scaling: float | None) -> torch.Tensor:
-    kwargs = dict(attn_mask=mask, is_causal=is_causal, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+    kwargs = {"attn_mask": mask, "is_causal": is_causal, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
     if q.device.type != "cuda":  # no cuDNN kernel to avoid; skip the context manager's cost
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
     with sdpa_kernel(SDPA_BACKENDS):

@@ -305,3 +305,23 @@ def test_a_cache_can_be_deep_copied_and_both_copies_continue_alike():
         a = model(ids[:, 28:], past_key_values=cache).logits
         b = model(ids[:, 28:], past_key_values=twin).logits
     torch.testing.assert_close(a, b)
+
+
+def test_reserve_preallocates_without_changing_results():
+    model = device_model("llama")
+    cfg = model.config
+    mask = np.array([[True, False]] * cfg.num_hidden_layers)
+    enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
+    ids = torch.randint(1, cfg.vocab_size, (1, 24), device=DEVICE)
+    with torch.no_grad():
+        plain = model(ids[:, :20]).past_key_values
+        reserved = model(ids[:, :20]).past_key_values
+        reserved.reserve(600)
+        layer = reserved.layers[0]
+        assert layer.full_keys.shape[2] == 600
+        before = layer.full_keys.data_ptr()
+        for t in range(20, 24):
+            a = model(ids[:, t : t + 1], past_key_values=plain).logits
+            b = model(ids[:, t : t + 1], past_key_values=reserved).logits
+            torch.testing.assert_close(a, b)
+        assert layer.full_keys.data_ptr() == before, "decoding inside the reservation must not reallocate"
