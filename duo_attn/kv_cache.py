@@ -24,7 +24,7 @@ GROWTH_BLOCK = 256  # retrieval caches grow in blocks of this many tokens, not b
 
 
 class DuoCacheError(RuntimeError):
-    """An operation the dual cache cannot perform (for example cropping into tokens it has evicted)."""
+    """An operation the dual cache cannot perform (cropping: evicted streaming tokens cannot be restored)."""
 
 
 @dataclass(frozen=True)

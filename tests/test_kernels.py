@@ -50,19 +50,20 @@ def test_block_lists_cover_every_visible_key(sink, recent, cached, num_queries):
         assert counts.max() <= (num_slots + recent) // BLOCK + 4
 
 
+def _assert_matches_oracle(arch, mask, sink, recent, length, chunks, seed):
+    model = device_model(arch)
+    oracle = oracle_model(model, mask, sink, recent)
+    ids = torch.randint(1, model.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(seed))
+    padding = torch.ones_like(ids)
+    enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
+    ours, _ = chunked_logits(model, ids.to(DEVICE), padding.to(DEVICE), chunks)
+    torch.testing.assert_close(ours.double(), oracle_logits(oracle, ids, padding), atol=2e-4, rtol=1e-4)
+
+
 @needs_flex
 def test_flex_prefill_matches_the_oracle(monkeypatch):
     monkeypatch.setenv("DUO_ATTN_FLEX", "always")
-    model = device_model("llama")
-    cfg = model.config
-    mask = np.array([[True, False], [False, False]])
-    sink, recent = 5, 37
-    oracle = oracle_model(model, mask, sink, recent)
-    ids = torch.randint(1, cfg.vocab_size, (2, 700), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    padding = torch.ones_like(ids)
-    enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
-    ours, _ = chunked_logits(model, ids, padding, [300, 390, 1, 1, 8])
-    torch.testing.assert_close(ours.double(), oracle_logits(oracle, ids, padding), atol=2e-4, rtol=1e-4)
+    _assert_matches_oracle("llama", np.array([[True, False], [False, False]]), 5, 37, 700, [300, 390, 1, 1, 8], 4)
 
 
 def _flash_attn_as_documented(q, k, v, softmax_scale=None, causal=False):
@@ -74,7 +75,8 @@ def _flash_attn_as_documented(q, k, v, softmax_scale=None, causal=False):
     mask = None
     if causal:
         sq, sk = q.shape[2], k.shape[2]
-        mask = torch.arange(sk)[None, :] <= torch.arange(sq)[:, None] + (sk - sq)
+        rows, cols = torch.arange(sq, device=q.device), torch.arange(sk, device=q.device)
+        mask = cols[None, :] <= rows[:, None] + (sk - sq)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
     _flash_attn_as_documented.calls += 1
     return out.transpose(1, 2)
@@ -87,14 +89,5 @@ def test_flash_attn_backend_is_used_and_exact(monkeypatch):
     monkeypatch.setattr(kernels, "flash_attn_func", _flash_attn_as_documented)
     monkeypatch.setattr(kernels, "FLASH_DEVICES", (DEVICE.type,))
     monkeypatch.setattr(kernels, "FLASH_DTYPES", (torch.float32,))
-    model = device_model("qwen2")
-    cfg = model.config
-    mask = np.array([[True, False], [False, True]])
-    sink, recent = 2, 5
-    oracle = oracle_model(model, mask, sink, recent)
-    ids = torch.randint(1, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    padding = torch.ones_like(ids)
-    enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
-    ours, _ = chunked_logits(model, ids, padding, [16, 9, 1, 1, 1, 12])
-    torch.testing.assert_close(ours.double(), oracle_logits(oracle, ids, padding), atol=2e-4, rtol=1e-4)
+    _assert_matches_oracle("qwen2", np.array([[True, False], [False, True]]), 2, 5, 40, [16, 9, 1, 1, 1, 12], 5)
     assert _flash_attn_as_documented.calls > 0
