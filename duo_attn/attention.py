@@ -10,12 +10,10 @@ FlexAttention the streaming heads' pre-fill chunks (see kernels.py).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .kernels import BlockMask, flash_attention, flex_streaming_attention, use_flash_attn
-from .kv_cache import DuoKV, HeadLayout, select_heads
+from .kernels import BlockMask, decode_attention, flash_attention, flex_streaming_attention, sdpa, use_flash_attn
+from .kv_cache import DuoKV, HeadLayout, StaticStep, select_heads
 from .masks import allowed_keys, positions_from_padding
 
 ATTENTION_NAME = "duo_attn"
@@ -58,19 +56,6 @@ def duo_padding_mask(
     return attention_mask[:, -kv_length:]
 
 
-# cuDNN attention is left out: it builds an execution plan per new shape, and while decoding every step is a new
-# key length (measured on an H100, torch 2.11: 2-10 ms of CPU time per call).
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
-def _sdpa(q, k, v, mask, is_causal: bool, scaling: float | None) -> torch.Tensor:
-    kwargs = {"attn_mask": mask, "is_causal": is_causal, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
-    if q.device.type != "cuda":  # no cuDNN kernel to avoid; skip the context manager's cost
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    with sdpa_kernel(SDPA_BACKENDS):
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
 def _merge_heads(
     query: torch.Tensor, layout: HeadLayout, retrieval_out: torch.Tensor | None, streaming_out: torch.Tensor | None
 ) -> torch.Tensor:
@@ -79,6 +64,8 @@ def _merge_heads(
         return retrieval_out
     if retrieval_out is None:
         return streaming_out
+    if layout.retrieval_first:  # heads reordered at enable time
+        return torch.cat([retrieval_out, streaming_out], dim=1)
     out = query.new_empty(query.shape)
     out.index_copy_(1, layout.device_index(layout.query_heads(layout.retrieval_kv), out.device), retrieval_out)
     out.index_copy_(1, layout.device_index(layout.query_heads(layout.streaming_kv), out.device), streaming_out)
@@ -89,6 +76,8 @@ def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> tor
     layout, step = kv.layout, kv.step
     n_q = query.shape[1]
     retrieval_out = streaming_out = None
+    if isinstance(step, StaticStep):
+        return _attend_static(query, kv, step, scaling)
     if layout.retrieval_kv:
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
         mask = step.retrieval_mask
@@ -99,7 +88,7 @@ def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> tor
             if step.retrieval_causal == "lower_right":  # flash attention's alignment for a chunk after a cache
                 mask = causal_lower_right(q.shape[2], kv.full_keys.shape[2])
             is_causal = step.retrieval_causal == "top_left"
-            retrieval_out = _sdpa(q, kv.full_keys, kv.full_values, mask, is_causal, scaling)
+            retrieval_out = sdpa(q, kv.full_keys, kv.full_values, mask, is_causal, scaling)
     if layout.streaming_kv:
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
         if isinstance(step.streaming_mask, BlockMask):
@@ -107,8 +96,32 @@ def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> tor
         elif step.streaming_mask is None and use_flash_attn(q):  # decoding with a full window
             streaming_out = flash_attention(q, kv.streaming_keys, kv.streaming_values, False, scaling)
         else:
-            streaming_out = _sdpa(q, kv.streaming_keys, kv.streaming_values, step.streaming_mask, False, scaling)
+            streaming_out = sdpa(q, kv.streaming_keys, kv.streaming_values, step.streaming_mask, False, scaling)
     return _merge_heads(query, layout, retrieval_out, streaming_out)
+
+
+def _attend_static(query: torch.Tensor, kv: DuoKV, step: StaticStep, scaling: float | None) -> torch.Tensor:
+    """A static decode step: the valid keys of the reserved buffers come from the step's device tensors. With the
+    heads reordered, both groups write straight into their slices of one output."""
+    layout, n_q = kv.layout, query.shape[1]
+    if not layout.retrieval_first:
+        out = [None, None]
+    else:
+        merged = query.new_empty(query.shape)
+        split = len(layout.retrieval_kv) * layout.groups
+        out = [merged[:, :split], merged[:, split:]]
+    if layout.retrieval_kv:
+        q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
+        out[0] = decode_attention(q, kv.full_keys, kv.full_values, step.length, step.key_pos, scaling, out=out[0])
+    if layout.streaming_kv:
+        q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
+        # the ring holds the last `recent` cache indices, all inside the window: a filled slot is a visible slot
+        out[1] = decode_attention(
+            q, kv.streaming_keys, kv.streaming_values, step.num_slots, step.slot_pos, scaling, out=out[1]
+        )
+    if layout.retrieval_first:
+        return merged
+    return _merge_heads(query, layout, out[0], out[1])
 
 
 def _attend_uncached(
@@ -128,12 +141,12 @@ def _attend_uncached(
         mask = allowed_keys(query_pos, positions)
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
         k, v = (select_heads(t, layout.retrieval_kv, n_kv, layout) for t in (key, value))
-        retrieval_out = _sdpa(q, k, v, mask, False, scaling)
+        retrieval_out = sdpa(q, k, v, mask, False, scaling)
     if layout.streaming_kv:
         mask = allowed_keys(query_pos, positions, sink_size=spec.sink_size, recent_size=spec.recent_size)
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
         k, v = (select_heads(t, layout.streaming_kv, n_kv, layout) for t in (key, value))
-        streaming_out = _sdpa(q, k, v, mask, False, scaling)
+        streaming_out = sdpa(q, k, v, mask, False, scaling)
     return _merge_heads(query, layout, retrieval_out, streaming_out)
 
 

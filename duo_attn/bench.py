@@ -25,6 +25,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig
 
+from .generate import StaticDecoder, compile_decoder_modules
 from .kv_cache import DuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
 from .patterns import load_attn_pattern, sparsify_attention_heads
@@ -61,6 +62,7 @@ class Point:
     peak_gib: float | None
     kv_bytes: int | None
     kernel_ms: float | None = None  # decode: GPU kernel time per token (what a launch-free step would take)
+    top_kernels: list | None = None  # decode: the heaviest kernels, (name, ms per token)
 
 
 def build_model(shape: str, device: str) -> torch.nn.Module:
@@ -139,15 +141,21 @@ def _event_ms(fn) -> float:
     return start.elapsed_time(end)
 
 
-def kernel_ms_per_call(fn, calls: int) -> float:
-    """Sum of GPU kernel times per call, from the profiler: the step's device time without launch gaps."""
+def kernel_ms_per_call(fn, calls: int) -> tuple[float | None, list[tuple[str, float]]]:
+    """Sum of GPU kernel times per call, from the profiler (the step's device time without launch gaps), and the
+    heaviest kernels (name, ms per call)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    total_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-                   for e in prof.key_averages())
-    return total_us / 1e3 / calls
+    kernels = []
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
+        if us:
+            kernels.append((event.key[:90], us / 1e3 / calls))
+    kernels.sort(key=lambda item: -item[1])
+    total = sum(ms for _, ms in kernels)
+    return (total or None), kernels[:12]  # None: the profiler saw no kernels
 
 
 def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int) -> None:
@@ -160,24 +168,33 @@ def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int) -> 
 
 
 @torch.no_grad()
-def bench_decode(model, method: str, context: int, steps: int, warmup: int, device: str) -> Point:
+def bench_decode(model, method: str, context: int, steps: int, warmup: int, device: str, graph: bool) -> Point:
+    """Per-token latency at ``context`` cached tokens. ``hf`` runs transformers' eager forward on its DynamicCache;
+    the duo methods decode on a static cache, each step a CUDA-graph replay (``graph``) or an eager forward."""
     torch.cuda.empty_cache()
+    profiled = 10
     try:
         cache = make_cache(model, method, context, device)
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        if isinstance(cache, DuoCache):
+            cache.make_static(context + warmup + steps + profiled + 1)
+            decoder = StaticDecoder(model, cache, cuda_graph=graph)
+            step = lambda: decoder(token)  # noqa: E731
+        else:
+            step = lambda: model(token, past_key_values=cache, use_cache=True)  # noqa: E731
         for _ in range(warmup):
-            model(token, past_key_values=cache, use_cache=True)
+            step()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        times = [_event_ms(lambda: model(token, past_key_values=cache, use_cache=True)) for _ in range(steps)]
+        times = [_event_ms(step) for _ in range(steps)]
         peak = torch.cuda.max_memory_allocated() / 2**30
-        kernels = kernel_ms_per_call(lambda: model(token, past_key_values=cache, use_cache=True), 10)
+        kernels, top = kernel_ms_per_call(step, profiled)
         point = Point("decode", method, context, None, statistics.median(times), peak, kv_bytes(cache, model.config),
-                      kernels)
+                      kernels, top)
     except torch.cuda.OutOfMemoryError as err:
         print(f"OOM: decode {method} {context}: {str(err).splitlines()[0]}")
         point = Point("decode", method, context, None, None, None, None)
-    cache = None
+    cache = decoder = step = None
     _release()
     return point
 
@@ -192,14 +209,16 @@ def bench_prefill(model, method: str, context: int, chunk: int, device: str) -> 
     torch.cuda.empty_cache()
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
 
-    def run():
+    def run(tokens: int = context):
         cache = DuoCache.for_model(model) if method != "hf" else DynamicCache(config=model.config)
-        for start in range(0, context, chunk):
-            model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for start in range(0, tokens, chunk):
+            model(ids[:, start : min(start + chunk, tokens)], past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache
 
     try:
-        run()  # warm-up: kernel selection and FlexAttention compilation for these shapes
+        # warm-up on the run's chunk shapes (first chunk, a later one, the remainder): kernel selection and
+        # FlexAttention compilation
+        run(min(context, 2 * chunk) + (context % chunk if context > 2 * chunk else 0))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         box = {}
@@ -229,13 +248,13 @@ def prefill_flops(config, context: int, chunk: int, retrieval: float, window: in
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
-    def cell(value):
-        if value is None:
-            return "OOM"
+    def cell(value, column: str):
+        if value is None:  # a measurement that ran out of memory, or a ratio that needs one
+            return "OOM" if column.endswith((" ms", " s", "GiB")) and not column.startswith("kernel") else "–"
         return f"{value:.3g}" if isinstance(value, float) else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(c), c) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -249,17 +268,16 @@ def summarise_decode(points: list[Point], config, wbytes: int, bandwidth: float)
     for context in sorted({p.context for p in points}):
         hf, full, duo = (by.get((m, context)) for m in METHODS)
         ideal = _ratio(wbytes + full_kv_bytes(config, context), wbytes + duo.kv_bytes) if duo.kv_bytes else None
-        speedup = _ratio(hf.ms, duo.ms)
-        kernel_speedup = _ratio(full.kernel_ms, duo.kernel_ms)
+        vs_hf, vs_full = _ratio(hf.ms, duo.ms), _ratio(full.ms, duo.ms)
         rows.append({
             "context": context,
-            "hf ms": hf.ms, "duo-full ms": full.ms, "duo ms": duo.ms,
-            "speedup vs hf": speedup, "ideal": ideal, "of ideal": _ratio(speedup, ideal),
-            "hf GiB": hf.peak_gib, "duo GiB": duo.peak_gib,
+            "hf ms": hf.ms, "duo-full ms": full.ms, "duo ms": duo.ms, "ideal": ideal,
+            "speedup vs hf": vs_hf, "of ideal (hf)": _ratio(vs_hf, ideal),
+            "speedup vs duo-full": vs_full, "of ideal (duo-full)": _ratio(vs_full, ideal),
+            "duo BW % copy": _bandwidth_share(wbytes + (duo.kv_bytes or 0), duo.ms, bandwidth),
+            "duo-full BW % copy": _bandwidth_share(wbytes + full_kv_bytes(config, context), full.ms, bandwidth),
+            "hf GiB": hf.peak_gib, "duo-full GiB": full.peak_gib, "duo GiB": duo.peak_gib,
             "kernel ms hf": hf.kernel_ms, "kernel ms duo-full": full.kernel_ms, "kernel ms duo": duo.kernel_ms,
-            "kernel speedup vs duo-full": kernel_speedup, "kernel of ideal": _ratio(kernel_speedup, ideal),
-            "duo kernel BW % copy": _bandwidth_share(wbytes + (duo.kv_bytes or 0), duo.kernel_ms, bandwidth),
-            "duo wall BW % copy": _bandwidth_share(wbytes + (duo.kv_bytes or 0), duo.ms, bandwidth),
         })
     return rows
 
@@ -268,25 +286,33 @@ def _bandwidth_share(nbytes: int, ms: float | None, bandwidth: float) -> float |
     return None if ms is None else 100 * nbytes / (ms / 1e3) / bandwidth
 
 
-def summarise_prefill(points: list[Point], config, retrieval: float, window: int) -> list[dict]:
+def summarise_prefill(points: list[Point], config, retrieval: float, window: int, wbytes: int) -> list[dict]:
     by = {(p.method, p.chunk): p for p in points}
     rows = []
     for chunk in sorted({p.chunk for p in points}):
         hf, full, duo = (by.get((m, chunk)) for m in METHODS)
         context = hf.context
         ideal = prefill_flops(config, context, chunk, 1.0, None) / prefill_flops(config, context, chunk, retrieval, window)
-        speedup = _ratio(hf.ms, duo.ms)
+        ideal_memory = _ratio(wbytes + full_kv_bytes(config, context), wbytes + duo.kv_bytes) if duo.kv_bytes else None
+        speedup, saving = _ratio(hf.ms, duo.ms), _ratio(hf.peak_gib, duo.peak_gib)
         rows.append({
             "context": context, "chunk": chunk, "hf s": _ms_to_s(hf.ms), "duo-full s": _ms_to_s(full.ms),
-            "duo s": _ms_to_s(duo.ms), "speedup vs hf": speedup, "ideal (FLOPs)": ideal,
-            "of ideal": _ratio(speedup, ideal), "hf GiB": hf.peak_gib, "duo GiB": duo.peak_gib,
-            "memory saving": _ratio(hf.peak_gib, duo.peak_gib),
+            "duo s": _ms_to_s(duo.ms), "ideal (FLOPs)": ideal, "speedup vs hf": speedup,
+            "speedup vs duo-full": _ratio(full.ms, duo.ms), "of ideal (duo-full)": _ratio(_ratio(full.ms, duo.ms), ideal),
+            "hf GiB": hf.peak_gib, "duo-full GiB": full.peak_gib, "duo GiB": duo.peak_gib,
+            "memory saving vs hf": saving, "ideal (weights + KV)": ideal_memory,
+            "memory of ideal": _ratio(saving, ideal_memory),
         })
     return rows
 
 
 def _ms_to_s(ms):
     return None if ms is None else ms / 1e3
+
+
+def save_points(path: Path, meta: dict, points: list[Point]) -> None:
+    """Written after every point, so a run cut short keeps what it measured."""
+    path.write_text(json.dumps({"meta": meta, "points": [asdict(p) for p in points]}, indent=1))
 
 
 def plot(rows: list[dict], x: str, ys: list[str], ylabel: str, title: str, path: Path) -> None:
@@ -321,19 +347,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[16384, 32768, 65536, 100000])
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--eager-decode", action="store_true",
+                        help="decode duo methods with eager forwards instead of CUDA-graph replays")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the decoder layers' norms and MLPs (generate.compile_decoder_modules)")
     parser.add_argument("--prefill-context", type=int, default=65536)
     parser.add_argument("--prefill-chunks", type=int, nargs="*", default=[8192, 16384, 32768])
     parser.add_argument("--kv-context", type=int, default=32768, help="context of the KV-bytes-vs-retrieval table")
     parser.add_argument("--out", type=Path, default=Path("docs/efficiency"))
+    parser.add_argument("--name", help="base name of the output files (default: <shape>-r<retrieval fraction>)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the efficiency benchmark times CUDA kernels and needs a GPU")
-    # Every method runs with the same SDPA kernels; cuDNN's is left out (see attention.SDPA_BACKENDS).
+    # Every method runs with the same SDPA kernels; cuDNN's is left out (see kernels.SDPA_BACKENDS).
     torch.backends.cuda.enable_cudnn_sdp(False)
 
     args.out.mkdir(parents=True, exist_ok=True)
     model = build_model(args.shape, args.device)
+    if args.compile:
+        compile_decoder_modules(model)
     config = model.config
     mask, mask_source = head_mask(args.shape, args.sparsity, args.patterns_dir, config)
     retrieval = float(mask.mean())
@@ -344,9 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         "recent": args.recent, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
         "copy_bandwidth_GBps": bandwidth / 1e9, "weight_GB": wbytes / 1e9, "date": time.strftime("%Y-%m-%d"),
+        "decode": "eager" if args.eager_decode else "cuda-graph", "compiled_modules": args.compile,
     }
     print(json.dumps(meta))
-    name = f"{args.shape}-r{retrieval:.2f}"
+    name = args.name or f"{args.shape}-r{retrieval:.2f}"
     points: list[Point] = []
     report = [
         f"# {args.shape}, {retrieval:.0%} retrieval heads ({mask_source}), sink {args.sink} + recent {args.recent}",
@@ -361,13 +395,20 @@ def main(argv: list[str] | None = None) -> None:
         for method in METHODS:
             set_method(model, method, mask, args.sink, args.recent)
             for context in args.decode_contexts:
-                point = bench_decode(model, method, context, args.decode_steps, args.warmup, args.device)
+                point = bench_decode(model, method, context, args.decode_steps, args.warmup, args.device,
+                                     graph=not args.eager_decode)
                 print(point, flush=True)
                 decode.append(point)
+                save_points(args.out / f"{name}.json", meta, points + decode)
         points += decode
         rows = summarise_decode(decode, config, wbytes, bandwidth)
         columns = list(rows[0])
         report += ["## Decode (median ms per token)", "", markdown_table(rows, columns), ""]
+        profile = []
+        for p in decode:
+            profile.append(f"{p.method} @ {p.context}: {p.kernel_ms} ms of kernels per token; heaviest:")
+            profile += [f"  {ms:8.3f} ms  {kernel}" for kernel, ms in p.top_kernels or []]
+        (args.out / f"{name}-kernels.txt").write_text("\n".join(profile) + "\n")
         plot(rows, "context", ["hf ms", "duo-full ms", "duo ms"], "ms / token", f"decode, {name}",
              args.out / f"decode-{name}.png")
 
@@ -379,8 +420,9 @@ def main(argv: list[str] | None = None) -> None:
                 point = bench_prefill(model, method, args.prefill_context, chunk, args.device)
                 print(point, flush=True)
                 prefill.append(point)
+                save_points(args.out / f"{name}.json", meta, points + prefill)
         points += prefill
-        rows = summarise_prefill(prefill, config, retrieval, args.sink + args.recent)
+        rows = summarise_prefill(prefill, config, retrieval, args.sink + args.recent, wbytes)
         report += [f"## Pre-fill of {args.prefill_context} tokens (seconds)", "", markdown_table(rows, list(rows[0])), ""]
         plot(rows, "chunk", ["hf s", "duo-full s", "duo s"], "seconds", f"pre-fill {args.prefill_context}, {name}",
              args.out / f"prefill-{name}.png")
@@ -401,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
         report += [f"## KV-cache bytes at {args.kv_context} tokens", "", markdown_table(kv_rows, list(kv_rows[0])), ""]
 
     (args.out / f"{name}.md").write_text("\n".join(report))
-    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "points": [asdict(p) for p in points]}, indent=1))
+    save_points(args.out / f"{name}.json", meta, points)
     print("\n".join(report))
 
 

@@ -1,6 +1,7 @@
-"""Block-sparse pre-fill for streaming heads with FlexAttention.
+"""The attention kernels behind attention.py: SDPA (no cuDNN), optional flash-attn, FlexAttention block-sparse
+pre-fill for streaming heads, and the static-shape decode call (Triton split-KV on GPUs, see decode_kernel.py).
 
-A pre-fill chunk of ``C`` queries attends, in a streaming head, to the ``S = sink + recent`` cached slots and to the
+Streaming pre-fill: a pre-fill chunk of ``C`` queries attends, in a streaming head, to the ``S = sink + recent`` cached slots and to the
 chunk itself, but each query reads only sinks and its last ``recent`` keys. Dense masked attention would still cost
 ``O(C * (S + C))``; here the block mask lists, for each 128-query block, only the key blocks that hold a sink slot
 or overlap its window, so the cost is ``O(C * (S + recent + 128))``. The block lists are computed arithmetically
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -26,6 +29,11 @@ try:  # optional: used for unmasked attention when it imports
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+
+try:  # ships with CUDA builds of torch; the static decode step uses its split-KV kernel on GPUs
+    from .decode_kernel import triton_decode_attention
+except ImportError:
+    triton_decode_attention = None
 
 FLASH_DEVICES = ("cuda",)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -147,15 +155,18 @@ def _build_mask(
 
 
 _compiled = None
+FLEX_HEAD_GROUP = 8  # KV heads per FlexAttention call
 
 
 def flex_streaming_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: BlockMask, scaling: float | None
 ) -> torch.Tensor:
-    """FlexAttention (compiled on CUDA, eager elsewhere), one KV head (and its query group) per call.
+    """FlexAttention (compiled on CUDA, eager elsewhere) over the streaming heads, ``FLEX_HEAD_GROUP`` KV heads (and
+    their query groups) per call.
 
-    Layers have different numbers of streaming heads; a call per KV head keeps every call the same shape, so the
-    kernel is compiled once per chunk shape instead of once per head count.
+    Layers have different numbers of streaming heads. Calls of a fixed head count keep every call the same shape, so
+    the kernel is compiled once per chunk shape instead of once per head count, while each call still has enough
+    heads to fill the GPU. A short last group is padded by repeating its last head; those outputs are dropped.
     """
     global _compiled
     fn = flex_attention
@@ -163,11 +174,57 @@ def flex_streaming_attention(
         if _compiled is None:
             _compiled = torch.compile(flex_attention, dynamic=False)
         fn = _compiled
-    groups = query.shape[1] // key.shape[1]
+    num_kv, groups = key.shape[1], query.shape[1] // key.shape[1]
+    size = min(FLEX_HEAD_GROUP, num_kv) if query.device.type != "cuda" else FLEX_HEAD_GROUP
     out = torch.empty_like(query)
-    for h in range(key.shape[1]):
-        heads = slice(h * groups, (h + 1) * groups)
-        # contiguous copies: a slice's strides depend on the layer's head count, and strides are compile guards
-        q, k, v = (t.contiguous() for t in (query[:, heads], key[:, h : h + 1], value[:, h : h + 1]))
-        out[:, heads] = fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+    for first in range(0, num_kv, size):
+        count = min(size, num_kv - first)
+        kv_heads = torch.arange(first, first + size, device=key.device).clamp(max=num_kv - 1)
+        q_heads = (kv_heads[:, None] * groups + torch.arange(groups, device=key.device)).flatten()
+        # gathers give contiguous tensors of one shape whatever the layer's head count (strides are compile guards)
+        q, k, v = query.index_select(1, q_heads), key.index_select(1, kv_heads), value.index_select(1, kv_heads)
+        part = fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
+        out[:, first * groups : (first + count) * groups] = part[:, : count * groups]
     return out
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    length: torch.Tensor,
+    key_pos: torch.Tensor | None,
+    scaling: float | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence over a reserved buffer whose valid keys are ``index < length`` (a device tensor)
+    and, with ``key_pos``, ``key_pos >= 0``. Static shapes and no host synchronisation: safe in a CUDA graph.
+
+    CUDA + Triton: the split-KV kernel of decode_kernel.py, reading only valid keys; otherwise a masked SDPA call
+    over the whole buffer. ``DUO_ATTN_TRITON=never`` forces the SDPA path. ``out``: where to write (may be a view).
+    """
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if (
+        triton_decode_attention is not None
+        and query.device.type == "cuda"
+        and os.environ.get("DUO_ATTN_TRITON", "auto") != "never"
+    ):
+        return triton_decode_attention(query, key, value, length, key_pos, scale, out)
+    valid = torch.arange(key.shape[2], device=key.device) < length
+    valid = valid[None] if key_pos is None else valid & (key_pos >= 0)
+    result = sdpa(query, key, value, valid[:, None, None, :], False, scale)
+    return result if out is None else out.copy_(result)
+
+
+# cuDNN attention is left out: it builds an execution plan per new shape, and while decoding every step is a new
+# key length (measured on an H100, torch 2.11: 2-10 ms of CPU time per call).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa(q, k, v, mask, is_causal: bool, scaling: float | None) -> torch.Tensor:
+    """SDPA with GQA read in place (``enable_gqa``) and without the cuDNN backend."""
+    kwargs = {"attn_mask": mask, "is_causal": is_causal, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
+    if q.device.type != "cuda":  # no cuDNN kernel to avoid; skip the context manager's cost
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)

@@ -7,6 +7,10 @@ the layer, so `DuoCache.begin_step` computes it once per forward pass and the la
 Streaming slots: ``[0, sink_size)`` hold the first ``sink_size`` real tokens of each sequence (so left padding is
 never a sink); ``[sink_size, sink_size + recent_size)`` are a ring indexed by cache index, holding the last
 ``recent_size`` tokens. A token in both places is kept in the sink slot only (its ring slot is marked empty).
+
+Static decoding (`DuoCache.make_static`): the retrieval buffers are reserved up front and the step's counters live in
+device tensors updated in place, so every decode step launches the same kernels with the same arguments and can be
+captured once in a CUDA graph (see generate.py).
 """
 
 from __future__ import annotations
@@ -50,6 +54,11 @@ class HeadLayout:
             num_q_heads // num_kv,
         )
 
+    @property
+    def retrieval_first(self) -> bool:
+        """Retrieval heads are the first heads of the layer (the order `enable_duo_attention_eval` gives them)."""
+        return self.retrieval_kv == tuple(range(len(self.retrieval_kv)))
+
     def query_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(h * self.groups + g for h in kv_heads for g in range(self.groups))
 
@@ -87,11 +96,25 @@ class DuoStep:
 
 
 @dataclass
+class StaticStep:
+    """A one-token decode step whose inputs are device buffers, rewritten in place by `DuoCache.begin_step`."""
+
+    length: torch.Tensor  # [1] int32: valid keys in the retrieval buffers after this step's write
+    write_index: torch.Tensor  # [1] long: cache index of this step's token
+    ring_dst: torch.Tensor | None  # [1] long: its ring slot (None: no ring)
+    query_pos: torch.Tensor  # [B, 1]: its position in each sequence
+    key_pos: torch.Tensor | None  # [B, capacity]: positions of the cached tokens (-1 = padding); None: no padding
+    slot_pos: torch.Tensor  # [B, slots]: position in each streaming slot, -1 = empty
+    num_slots: torch.Tensor  # [1] int32: sink + recent, the streaming buffers' length
+    num_new: int = 1
+
+
+@dataclass
 class StepPlan:
     """The step being run, shared by the cache and its layers."""
 
     num_slots: int
-    step: DuoStep | None = None
+    step: DuoStep | StaticStep | None = None
 
 
 @dataclass
@@ -133,7 +156,9 @@ class DuoCacheLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[DuoKV, DuoKV]:
         step = self.plan.step
-        if step is None or step.num_new != key_states.shape[-2] or step.cached_before != self.length:
+        if isinstance(step, StaticStep) and key_states.shape[-2] == 1:
+            return self._update_static(key_states, value_states, step)
+        if step is None or isinstance(step, StaticStep) or step.num_new != key_states.shape[-2] or step.cached_before != self.length:
             raise DuoCacheError(
                 "DuoCache.update called outside a prepared step: use the cache through a model patched by "
                 "enable_duo_attention_eval (it calls DuoCache.begin_step before every forward pass)"
@@ -161,6 +186,18 @@ class DuoCacheLayer(CacheLayerMixin):
                 stream_k, stream_v = self.stream_keys, self.stream_values
         self.length += step.num_new
         return (DuoKV(layout, step, full_k, full_v, stream_k, stream_v),) * 2
+
+    def _update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, step: StaticStep):
+        """Write the token at device-side indices; hand over whole buffers (``step`` says which keys are valid)."""
+        layout, total = self.layout, self.layout.num_kv_heads
+        if layout.retrieval_kv:
+            for buffer, new in ((self.full_keys, key_states), (self.full_values, value_states)):
+                buffer.index_copy_(2, step.write_index, select_heads(new, layout.retrieval_kv, total, layout))
+        if layout.streaming_kv and step.ring_dst is not None:
+            for buffer, new in ((self.stream_keys, key_states), (self.stream_values, value_states)):
+                buffer.index_copy_(2, step.ring_dst, select_heads(new, layout.streaming_kv, total, layout))
+        kv = DuoKV(layout, step, self.full_keys, self.full_values, self.stream_keys, self.stream_values)
+        return kv, kv
 
     def _append_full(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         end = self.length + keys.shape[2]
@@ -261,6 +298,8 @@ class DuoCache(Cache):
         self.key_pos: torch.Tensor | None = None  # [B, capacity] position of every cached token (padding = -1)
         self.has_padding = False
         self.sinks_filled = False
+        self.static: StaticStep | None = None  # set by make_static
+        self.capacity: int | None = None  # static decoding: tokens the reserved buffers hold
         layers = [DuoCacheLayer(HeadLayout.from_mask(row, num_attention_heads), self.plan) for row in mask]
         super().__init__(layers=layers)
 
@@ -278,6 +317,8 @@ class DuoCache(Cache):
 
         ``padding_mask`` is the usual 2-D attention mask (1 = real token) covering at least the new tokens.
         """
+        if self.static is not None:
+            return self._begin_static_step(padding_mask, num_new, batch_size)
         if padding_mask is not None:
             if padding_mask.dim() != 2:
                 raise DuoCacheError(
@@ -332,6 +373,83 @@ class DuoCache(Cache):
         self.seen = n + num_new
         return self.plan.step
 
+    # -- static decoding ------------------------------------------------------------------------------------------
+    def make_static(self, capacity: int) -> None:
+        """Decode with static shapes from now on: every retrieval buffer is reserved for ``capacity`` tokens (rounded
+        up to a growth block) and the step's counters move to device tensors updated in place, so that one decode
+        step can be captured in a CUDA graph and replayed. Needs a pre-fill first, with every sequence past its sink
+        tokens; while static, each forward pass must be one token per sequence. `make_dynamic` switches back.
+        """
+        if self.real_seen is None:
+            raise DuoCacheError("make_static needs a pre-filled cache: run the prompt through the model first")
+        if self.static is not None:
+            raise DuoCacheError("the cache is already static")
+        if capacity <= self.seen:
+            raise DuoCacheError(f"capacity {capacity} leaves no room: the cache already holds {self.seen} tokens")
+        if self.sink_size and not bool((self.real_seen >= self.sink_size).all()):
+            raise DuoCacheError(
+                f"every sequence needs at least sink_size={self.sink_size} real tokens before static decoding; "
+                f"the shortest has {int(self.real_seen.min())} (decode the first tokens dynamically)"
+            )
+        self.sinks_filled = True
+        capacity = -(-int(capacity) // GROWTH_BLOCK) * GROWTH_BLOCK
+        self.reserve(capacity)
+        for layer in self.layers:  # unwritten slots must be finite: a masked key still meets a 0 weight
+            for buffer in (layer.full_keys, layer.full_values):
+                if buffer is not None:
+                    buffer[:, :, self.seen :].zero_()
+        key_pos = self.key_pos.new_full((self.key_pos.shape[0], capacity), -1)
+        key_pos[:, : self.seen] = self.key_pos[:, : self.seen]
+        self.key_pos = key_pos
+        device, batch = self.real_seen.device, self.real_seen.shape[0]
+        self.static = StaticStep(
+            length=torch.tensor([self.seen], dtype=torch.int32, device=device),
+            write_index=torch.zeros(1, dtype=torch.long, device=device),
+            ring_dst=torch.zeros(1, dtype=torch.long, device=device) if self.recent_size else None,
+            query_pos=torch.zeros(batch, 1, dtype=torch.long, device=device),
+            key_pos=self.key_pos if self.has_padding else None,
+            slot_pos=self.slot_pos,
+            num_slots=torch.tensor([self.num_slots], dtype=torch.int32, device=device),
+        )
+        self.capacity = capacity
+
+    def make_dynamic(self) -> None:
+        """Leave static decoding (the reserved buffers stay); pre-fill chunks are accepted again."""
+        self.static = None
+        self.plan.step = None
+
+    def _begin_static_step(self, padding_mask: torch.Tensor | None, num_new: int, batch_size: int) -> StaticStep:
+        """Advance the device-side counters in place: no host synchronisation, no new tensors that outlive the step."""
+        st = self.static
+        if num_new != 1:
+            raise DuoCacheError(f"a static cache decodes one token per step, got {num_new}; call make_dynamic() first")
+        if batch_size != st.query_pos.shape[0]:
+            raise DuoCacheError(f"the cache holds a batch of {st.query_pos.shape[0]}, the input has {batch_size}")
+        if self.seen >= self.capacity:
+            raise DuoCacheError(f"the static cache is full ({self.capacity} tokens); reserve more with make_static")
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if padding_mask is not None and not capturing and not bool(padding_mask[:, -1].all()):
+            raise DuoCacheError("static decoding takes real tokens only: the last column of attention_mask has a 0")
+        st.write_index.copy_(st.length)
+        st.length.add_(1)
+        st.query_pos.copy_(self.real_seen[:, None])
+        self.key_pos.index_copy_(1, st.write_index, st.query_pos)
+        if st.ring_dst is not None:
+            torch.remainder(st.write_index, self.recent_size, out=st.ring_dst)
+            st.ring_dst.add_(self.sink_size)
+            self.slot_pos.index_copy_(1, st.ring_dst, st.query_pos)
+        self.real_seen.add_(1)
+        if not capturing:  # a captured step advances the host counters when it is replayed (advance_host)
+            self.advance_host(1)
+        self.plan.step = st
+        return st
+
+    def advance_host(self, steps: int) -> None:
+        """Count ``steps`` decode steps run on the device (replays of a captured step) in the host-side lengths."""
+        self.seen += steps
+        for layer in self.layers:
+            layer.length += steps
+
     def _record_positions(self, query_pos: torch.Tensor) -> torch.Tensor:
         """Append the new positions to the per-token record (needed for padding masks of retrieval heads)."""
         n, end = self.seen, self.seen + query_pos.shape[1]
@@ -379,16 +497,23 @@ class DuoCache(Cache):
         return False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._require_dynamic()
         super().reorder_cache(beam_idx)
         self._map_shared(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self._require_dynamic()
         super().batch_repeat_interleave(repeats)
         self._map_shared(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._require_dynamic()
         super().batch_select_indices(indices)
         self._map_shared(lambda t: t[indices])
+
+    def _require_dynamic(self) -> None:
+        if self.static is not None:
+            raise DuoCacheError("a static cache cannot be reordered or resized by batch; call make_dynamic() first")
 
     def _map_shared(self, fn) -> None:
         for name in ("real_seen", "slot_pos", "key_pos"):
@@ -398,7 +523,7 @@ class DuoCache(Cache):
 
     def reset(self) -> None:
         super().reset()
-        self.plan.step = self.real_seen = self.slot_pos = self.key_pos = None
+        self.plan.step = self.real_seen = self.slot_pos = self.key_pos = self.static = None
         self.seen, self.has_padding, self.sinks_filled = 0, False, False
 
     def reserve(self, total_tokens: int) -> None:

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_NAME, LayerSpec, duo_attention_forward, duo_padding_mask
-from .kv_cache import DuoCache, HeadLayout
+from .kv_cache import DuoCache, DuoCacheError, HeadLayout, StaticStep
 from .patterns import PatternError, check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -32,11 +32,12 @@ PatternLike = str | os.PathLike | tuple | np.ndarray | torch.Tensor | list
 class DuoAttentionState:
     """What a patched model carries (``model.duo_attention``): the head mask, window sizes and how to undo it."""
 
-    retrieval_mask: np.ndarray  # [layers, kv_heads] bool, True = retrieval head
+    retrieval_mask: np.ndarray  # [layers, kv_heads] bool, True = retrieval head (the model's original head order)
     sink_size: int
     recent_size: int
     num_attention_heads: int
     previous_attn_implementation: str
+    head_orders: list[np.ndarray] | None = None  # per layer, the KV-head permutation applied to the weights
     hook: Any = field(repr=False, default=None)
 
     @property
@@ -44,8 +45,15 @@ class DuoAttentionState:
         """Fraction of KV heads that are streaming heads."""
         return float(1.0 - self.retrieval_mask.mean())
 
+    @property
+    def cache_mask(self) -> np.ndarray:
+        """The mask in the order the heads now have (retrieval heads first once reordered)."""
+        if self.head_orders is None:
+            return self.retrieval_mask
+        return np.stack([row[order] for row, order in zip(self.retrieval_mask, self.head_orders)])
+
     def new_cache(self) -> DuoCache:
-        return DuoCache(self.retrieval_mask, self.sink_size, self.recent_size, self.num_attention_heads)
+        return DuoCache(self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads)
 
 
 def resolve_pattern(
@@ -116,6 +124,39 @@ def _check_model(model: torch.nn.Module) -> None:
         raise PatternError(f"duo attention needs full-attention layers only; this model has layer types {set(layer_types)}")
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _can_reorder(attn: torch.nn.Module, num_q: int, num_kv: int) -> bool:
+    """Plain linear projections of the expected shapes (not quantized or sharded ones) can be permuted."""
+    head_dim = getattr(attn, "head_dim", None)
+    mods = [getattr(attn, name, None) for name in PROJECTIONS]
+    if head_dim is None or any(not isinstance(m, torch.nn.Linear) for m in mods):
+        return False
+    q, k, v, o = mods
+    return (
+        q.out_features == num_q * head_dim and k.out_features == v.out_features == num_kv * head_dim
+        and o.in_features == num_q * head_dim and all(m.weight.is_floating_point() for m in mods)
+    )
+
+
+@torch.no_grad()
+def _permute_heads(attn: torch.nn.Module, kv_order: np.ndarray, groups: int) -> None:
+    """Permute the KV heads (and their query groups) of one attention module: rows of q/k/v, columns of o."""
+    head_dim = attn.head_dim
+    q_order = (kv_order[:, None] * groups + np.arange(groups)).reshape(-1)
+    for name, order in (("q_proj", q_order), ("k_proj", kv_order), ("v_proj", kv_order)):
+        proj = getattr(attn, name)
+        index = torch.as_tensor(order, device=proj.weight.device)
+        for param in (proj.weight, proj.bias):
+            if param is not None:
+                blocks = param.view(len(order), head_dim, *param.shape[1:])
+                param.copy_(blocks.index_select(0, index).reshape(param.shape))
+    weight = attn.o_proj.weight
+    blocks = weight.view(weight.shape[0], len(q_order), head_dim)
+    weight.copy_(blocks.index_select(1, torch.as_tensor(q_order, device=weight.device)).reshape(weight.shape))
+
+
 def register_duo_attention() -> None:
     """Make ``attn_implementation="duo_attn"`` known to transformers (idempotent)."""
     AttentionInterface.register(ATTENTION_NAME, duo_attention_forward)
@@ -130,12 +171,17 @@ def enable_duo_attention_eval(
     threshold: float | None = None,
     sink_size: int | None = None,
     recent_size: int | None = None,
+    reorder_heads: bool = True,
 ) -> DuoAttentionState:
     """Patch ``model`` in place for DuoAttention inference; ``model(...)`` and ``model.generate(...)`` then use it.
 
     ``pattern``: a pattern directory, the tuple from `load_attn_pattern`, or a ``[layers, kv_heads]`` 0/1 mask
     (1 = retrieval head). Everything is validated before the model is touched. Calling it again replaces the pattern;
     `disable_duo_attention` restores the original model.
+
+    ``reorder_heads``: permute each layer's projection weights so that its retrieval heads come first (the model's
+    outputs do not change). Each head group is then a contiguous slice: no gathers and no merge per layer and step.
+    Layers whose projections are not plain linear layers keep their order. Undone by `disable_duo_attention`.
     """
     _check_model(model)
     mask, sink, recent = resolve_pattern(
@@ -144,7 +190,6 @@ def enable_duo_attention_eval(
     config = model.config
     check_pattern_fits(mask, config.num_hidden_layers, config.num_key_value_heads)
     layers = decoder_layers(model)
-    layouts = [HeadLayout.from_mask(row, config.num_attention_heads) for row in mask]
 
     previous = getattr(model, "duo_attention", None)
     if previous is not None:
@@ -157,7 +202,15 @@ def enable_duo_attention_eval(
         config.num_attention_heads,
         previous.previous_attn_implementation if previous else config._attn_implementation,
     )
-    for layer, layout in zip(layers, layouts):
+    groups = config.num_attention_heads // config.num_key_value_heads
+    if reorder_heads and all(
+        _can_reorder(layer.self_attn, config.num_attention_heads, config.num_key_value_heads) for layer in layers
+    ):
+        state.head_orders = [np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)]) for row in mask]
+        for layer, order in zip(layers, state.head_orders):
+            _permute_heads(layer.self_attn, order, groups)
+    for layer, row in zip(layers, state.cache_mask):
+        layout = HeadLayout.from_mask(row, config.num_attention_heads)
         layer.self_attn.duo_layer_spec = LayerSpec(layout, sink, recent)
     model.set_attn_implementation(ATTENTION_NAME)
     base = getattr(model, "base_model", model)
@@ -172,7 +225,12 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
     if state is None:
         raise PatternError("duo attention is not enabled on this model")
     state.hook.remove()
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    if state.head_orders is not None:
+        groups = state.num_attention_heads // state.retrieval_mask.shape[1]
+        for layer, order in zip(layers, state.head_orders):
+            _permute_heads(layer.self_attn, np.argsort(order), groups)
+    for layer in layers:
         if hasattr(layer.self_attn, "duo_layer_spec"):
             del layer.self_attn.duo_layer_spec
     model.set_attn_implementation(state.previous_attn_implementation)
@@ -197,11 +255,20 @@ def _prepare_duo_cache(state: DuoAttentionState):
         elif isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
             cache = state.new_cache()  # generate()'s default cache, still empty
         if isinstance(cache, DuoCache):
+            if cache.retrieval_mask.shape != state.retrieval_mask.shape or not (
+                np.array_equal(cache.retrieval_mask, state.cache_mask)
+                and (cache.sink_size, cache.recent_size) == (state.sink_size, state.recent_size)
+            ):
+                raise DuoCacheError(
+                    "this DuoCache was built for another pattern or head order; make it with DuoCache.for_model(model)"
+                )
             inputs = kwargs.get("input_ids", args[0] if args else None)
             if inputs is None:
                 inputs = kwargs["inputs_embeds"]
-            cache.begin_step(padding_mask, inputs.shape[1], inputs.shape[0], inputs.device)
+            step = cache.begin_step(padding_mask, inputs.shape[1], inputs.shape[0], inputs.device)
             kwargs["past_key_values"] = cache
+            if isinstance(step, StaticStep) and kwargs.get("position_ids") is None:
+                kwargs["position_ids"] = step.query_pos  # a device buffer: a captured step reads the current value
         return args, kwargs
 
     return hook

@@ -325,3 +325,44 @@ def test_reserve_preallocates_without_changing_results():
             b = model(ids[:, t : t + 1], past_key_values=reserved).logits
             torch.testing.assert_close(a, b)
         assert layer.full_keys.data_ptr() == before, "decoding inside the reservation must not reallocate"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # q/k/v biases; per-head q/k norms
+def test_head_reordering_keeps_outputs_and_disable_restores_the_weights(arch):
+    model = device_model(arch)
+    cfg = model.config
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    mask = np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads), dtype=bool)
+    mask[:, -1] = True  # retrieval heads last: the reorder moves them first
+    oracle = oracle_model(model, mask, 2, 3)
+    ids = torch.randint(1, cfg.vocab_size, (1, 25), generator=torch.Generator().manual_seed(4))
+    padding = torch.ones_like(ids)
+    results = {}
+    for reorder in (True, False):
+        state = enable_duo_attention_eval(model, mask, sink_size=2, recent_size=3, reorder_heads=reorder)
+        assert (state.head_orders is not None) == reorder
+        attn = model.model.layers[0].self_attn
+        assert attn.duo_layer_spec.layout.retrieval_first == reorder
+        moved = not torch.equal(attn.k_proj.weight, original["model.layers.0.self_attn.k_proj.weight"])
+        assert moved == reorder
+        results[reorder], cache = chunked_logits(model, ids, padding, [10, 1, 1, 13])
+        assert np.array_equal(cache.retrieval_mask[:, 0], [reorder] * cfg.num_hidden_layers)
+        disable_duo_attention(model)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, original[key]), key
+    expected = oracle_logits(oracle, ids, padding)
+    for logits in results.values():
+        torch.testing.assert_close(logits.double(), expected, **TOL)
+
+
+def test_a_cache_built_for_another_head_order_is_refused():
+    model = device_model("llama")
+    cfg = model.config
+    mask = np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads), dtype=bool)
+    mask[:, -1] = True
+    enable_duo_attention_eval(model, mask, sink_size=2, recent_size=3)
+    foreign = DuoCache(mask, 2, 3, cfg.num_attention_heads)  # original order; the model's heads were reordered
+    with pytest.raises(DuoCacheError, match="DuoCache.for_model"):
+        model(torch.randint(1, cfg.vocab_size, (1, 5), device=DEVICE), past_key_values=foreign)
+    assert foreign.get_seq_length() == 0
+    model(torch.randint(1, cfg.vocab_size, (1, 5), device=DEVICE), past_key_values=DuoCache.for_model(model))

@@ -1,0 +1,155 @@
+"""Fast greedy generation for a duo-patched model: chunked pre-fill, then one-token steps on a static `DuoCache`,
+each step (on a GPU) one replay of a CUDA graph.
+
+An eager transformers forward pass costs tens of milliseconds of host time for a 7B model (hundreds of small kernel
+launches), more than the GPU needs to read the weights and a duo cache. With the cache in static mode
+(`DuoCache.make_static`) every decode step launches the same kernels with the same arguments, so the whole forward
+pass is captured once and replayed: the host cost of a step becomes one graph launch.
+
+``model.generate`` keeps working as usual (eagerly); this module is the fast path for the common greedy case.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import DuoCache, DuoCacheError
+
+
+class StaticDecoder:
+    """One-token decode steps on a static `DuoCache`: eager, or captured in a CUDA graph and replayed.
+
+    The first call runs eagerly (on a side stream: kernels are compiled and libraries initialised outside capture),
+    the second captures the step; every later call is a replay.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: DuoCache, cuda_graph: bool | None = None):
+        if cache.static is None:
+            raise DuoCacheError("StaticDecoder needs a static cache: call cache.make_static(capacity) first")
+        self.model, self.cache = model, cache
+        device = cache.static.query_pos.device
+        self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the cache is on {device}")
+        self.input_ids = torch.zeros_like(cache.static.query_pos)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None
+        self.calls = 0
+
+    def _forward(self) -> torch.Tensor:
+        return self.model(input_ids=self.input_ids, past_key_values=self.cache, use_cache=True).logits
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``input_ids [B, 1]``; return the next-token logits ``[B, vocab]``."""
+        if input_ids.shape != self.input_ids.shape:
+            raise ValueError(f"expected input_ids of shape {tuple(self.input_ids.shape)}, got {tuple(input_ids.shape)}")
+        self.input_ids.copy_(input_ids)
+        self.calls += 1
+        if not self.cuda_graph:
+            return self._forward()[:, -1]
+        if self.calls == 1:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._forward()[:, -1]
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.cache.seen >= self.cache.capacity:
+            raise DuoCacheError(f"the static cache is full ({self.cache.capacity} tokens)")
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # recorded, not run: the host counters are not advanced here
+                self.graph_logits = self._forward()[:, -1]
+        self.graph.replay()
+        self.cache.advance_host(1)
+        return self.graph_logits.clone()
+
+
+def compile_decoder_modules(model: torch.nn.Module) -> None:
+    """``torch.compile`` each decoder layer's norms and MLP (``Module.compile``, in place), leaving attention eager.
+
+    A decode step of a 7B model is hundreds of tiny element-wise kernels (RMSNorm alone is six per call); fused, they
+    cost far fewer launches inside the captured graph. Every layer shares one compiled graph per module type.
+    """
+    from .patch import decoder_layers
+
+    for layer in decoder_layers(model):
+        for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
+            getattr(layer, name).compile(dynamic=False)
+    getattr(model, "base_model", model).norm.compile(dynamic=False)
+
+
+def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding (padding gets 0; its outputs are never used)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    prefill_chunk: int = 32768,
+    eos_token_id: int | None = None,
+    cuda_graph: bool | None = None,
+) -> torch.Tensor:
+    """Greedy decoding with duo attention; returns the ``[B, max_new_tokens]`` new ids (after ``eos_token_id`` a
+    sequence repeats it). The prompt is pre-filled in chunks of ``prefill_chunk`` tokens (only the last position's
+    logits are computed); decoding uses a static cache sized for prompt + new tokens and, on a GPU, a CUDA graph
+    (``cuda_graph=False`` turns it off).
+    """
+    if getattr(model, "duo_attention", None) is None:
+        raise DuoCacheError("the model is not patched: call enable_duo_attention_eval(model, pattern) first")
+    if max_new_tokens < 1 or prefill_chunk < 1:
+        raise ValueError(f"max_new_tokens and prefill_chunk must be positive, got {max_new_tokens}, {prefill_chunk}")
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be [batch, length] with length > 0, got shape {tuple(input_ids.shape)}")
+    device = model.device
+    input_ids = input_ids.to(device)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
+    if not bool(mask[:, -1].all()):
+        raise ValueError("generate expects left padding: the last column of attention_mask must be all ones")
+    cache = DuoCache.for_model(model)
+    positions = position_ids_for(mask)
+    length = input_ids.shape[1]
+    for start in range(0, length, prefill_chunk):
+        end = min(start + prefill_chunk, length)
+        logits = model(
+            input_ids=input_ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]
+
+    token = logits.argmax(-1, keepdim=True)
+    done = torch.zeros_like(token, dtype=torch.bool)
+    generated = [token]
+    sink = model.duo_attention.sink_size
+    decoder = None
+    for step in range(1, max_new_tokens):
+        if eos_token_id is not None:
+            done |= token == eos_token_id
+            if step % 8 == 0 and bool(done.all()):
+                break
+        if decoder is None and bool((cache.real_seen >= sink).all()):
+            cache.make_static(length + max_new_tokens)
+            decoder = StaticDecoder(model, cache, cuda_graph)
+        if decoder is None:  # a prompt shorter than the sink: its first tokens are decoded dynamically
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            logits = model(
+                input_ids=token, attention_mask=mask, position_ids=cache.real_seen[:, None].clone(),
+                past_key_values=cache, use_cache=True,
+            ).logits[:, -1]
+        else:
+            logits = decoder(token)
+        token = logits.argmax(-1, keepdim=True)
+        if eos_token_id is not None:
+            token = token.masked_fill(done, eos_token_id)
+        generated.append(token)
+    out = torch.cat(generated, dim=1)
+    if out.shape[1] < max_new_tokens:
+        out = torch.cat([out, out.new_full((out.shape[0], max_new_tokens - out.shape[1]), eos_token_id)], dim=1)
+    return out

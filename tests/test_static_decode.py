@@ -1,0 +1,209 @@
+"""Static decoding (device-side counters, reserved buffers), its Triton kernel, CUDA-graph replay and `generate`."""
+
+import numpy as np
+import pytest
+import torch
+from duo_reference import DEVICE, chunked_logits, device_model, oracle_logits, oracle_model, position_ids_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from duo_attn import DuoCache, DuoCacheError, disable_duo_attention, enable_duo_attention_eval
+from duo_attn.generate import StaticDecoder, generate
+from duo_attn.kernels import triton_decode_attention
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+TOL = dict(atol=2e-4, rtol=1e-4)
+_MODELS: dict = {}
+
+
+def _model(arch):
+    if arch not in _MODELS:
+        _MODELS[arch] = device_model(arch)
+    return _MODELS[arch]
+
+
+def _padded_batch(rng, vocab, batch, length, pads):
+    ids = torch.from_numpy(rng.integers(1, vocab, (batch, length)))
+    padding = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        padding[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, padding
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    arch=st.sampled_from(ARCHS),
+    batch=st.integers(1, 3),
+    pads=st.lists(st.integers(0, 5), min_size=3, max_size=3),
+    sink=st.integers(0, 4),
+    recent=st.integers(0, 7),
+    prefill=st.integers(0, 12),
+    steps=st.integers(1, 14),
+    back_to_dynamic=st.booleans(),
+    pass_mask=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_static_steps_match_the_oracle(arch, batch, pads, sink, recent, prefill, steps, back_to_dynamic, pass_mask, seed):
+    if sink + recent == 0:
+        recent = 1
+    model = _model(arch)
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    mask = rng.random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
+    pads = pads[:batch]
+    prompt = sink + max(pads) + prefill + 1  # every row has at least `sink` real tokens
+    tail = 5 if back_to_dynamic else 0
+    ids, padding = _padded_batch(rng, cfg.vocab_size, batch, prompt + steps + tail, pads)
+    oracle = oracle_model(model, mask, sink, recent)
+    enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
+    try:
+        logits, cache = chunked_logits(model, ids[:, :prompt], padding[:, :prompt], [prompt])
+        cache.make_static(prompt + steps + int(rng.integers(0, 300)))
+        ids_d, padding_d = ids.to(DEVICE), padding.to(DEVICE)
+        with torch.no_grad():
+            for t in range(prompt, prompt + steps):
+                kwargs = {"attention_mask": padding_d[:, : t + 1]} if pass_mask else {}
+                out = model(input_ids=ids_d[:, t : t + 1], past_key_values=cache, use_cache=True, **kwargs)
+                logits = torch.cat([logits, out.logits.cpu()], dim=1)
+        assert cache.get_seq_length() == prompt + steps
+        if back_to_dynamic:
+            cache.make_dynamic()
+            end = prompt + steps
+            with torch.no_grad():
+                out = model(
+                    input_ids=ids_d[:, end:], attention_mask=padding_d, position_ids=position_ids_for(padding_d)[:, end:],
+                    past_key_values=cache, use_cache=True,
+                )
+            logits = torch.cat([logits, out.logits.cpu()], dim=1)
+    finally:
+        disable_duo_attention(model)
+    real = padding.bool()
+    torch.testing.assert_close(logits[real].double(), oracle_logits(oracle, ids, padding)[real], **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_matches_transformers_generate(arch):
+    """Same greedy tokens as ``model.generate`` on the dynamic cache: left padding, a prompt shorter than the sink
+    (its first tokens decoded dynamically), chunked pre-fill and eos handling."""
+    model = _model(arch)
+    cfg = model.config
+    rng = np.random.default_rng(5)
+    mask = rng.random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
+    enable_duo_attention_eval(model, mask, sink_size=6, recent_size=5)
+    try:
+        ids, padding = _padded_batch(rng, cfg.vocab_size, 2, 9, [4, 0])
+        ids, padding = ids.to(DEVICE), padding.to(DEVICE)
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=padding, max_new_tokens=20, do_sample=False, pad_token_id=0)
+        ours = generate(model, ids, 20, attention_mask=padding, prefill_chunk=4)
+        assert torch.equal(ours, expected[:, ids.shape[1] :])
+        eos = int(ours[0, 3])
+        stopped = generate(model, ids, 20, attention_mask=padding, eos_token_id=eos)
+        first = [int((row == eos).nonzero()[0]) if (row == eos).any() else None for row in ours]
+        for row, cut in enumerate(first):
+            if cut is not None:
+                assert torch.equal(stopped[row, : cut + 1], ours[row, : cut + 1])
+                assert (stopped[row, cut:] == eos).all()
+    finally:
+        disable_duo_attention(model)
+
+
+def test_static_cache_refuses_bad_use_and_changes_nothing():
+    model = _model("llama")
+    cfg = model.config
+    mask = np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads), dtype=bool)
+    mask[0, 0] = False
+    enable_duo_attention_eval(model, mask, sink_size=4, recent_size=4)
+    try:
+        cache = DuoCache.for_model(model)
+        with pytest.raises(DuoCacheError, match="pre-filled"):
+            cache.make_static(64)
+        ids = torch.randint(1, cfg.vocab_size, (2, 10)).to(DEVICE)
+        short = torch.ones_like(ids)
+        short[0, :7] = 0
+        _, cache = chunked_logits(model, ids, short, [10])
+        with pytest.raises(DuoCacheError, match="sink_size=4 real tokens"):
+            cache.make_static(64)
+        assert cache.static is None
+        _, cache = chunked_logits(model, ids, torch.ones_like(ids), [10])
+        with pytest.raises(DuoCacheError, match="no room"):
+            cache.make_static(5)
+        cache.make_static(20)  # rounded up to a growth block
+        assert cache.capacity % 256 == 0 and cache.layers[1].full_keys.shape[2] == cache.capacity
+        with pytest.raises(DuoCacheError, match="one token per step"):
+            model(input_ids=ids[:, :2], past_key_values=cache)
+        with pytest.raises(DuoCacheError, match="real tokens only"):
+            model(input_ids=ids[:, :1], attention_mask=torch.cat([short, torch.zeros_like(short[:, :1])], 1),
+                  past_key_values=cache)
+        before = cache.real_seen.clone()
+        with pytest.raises(DuoCacheError, match="make_dynamic"):
+            cache.reorder_cache(torch.tensor([1, 0]))
+        assert torch.equal(cache.real_seen, before) and cache.get_seq_length() == 10
+        with pytest.raises(ValueError, match="shape"):
+            StaticDecoder(model, cache, cuda_graph=False)(ids[:1, :1])
+        cache.capacity = cache.seen  # as if the reserved buffers were used up
+        with pytest.raises(DuoCacheError, match="full"):
+            model(input_ids=ids[:, :1], past_key_values=cache)
+        cache.make_dynamic()
+        with pytest.raises(DuoCacheError, match="make_static"):
+            StaticDecoder(model, cache)
+        with pytest.raises(ValueError, match="left padding"):
+            generate(model, ids, 3, attention_mask=torch.cat([torch.ones_like(short), torch.zeros_like(short)], 1)[:, 5:15])
+    finally:
+        disable_duo_attention(model)
+
+
+needs_triton = pytest.mark.skipif(triton_decode_attention is None, reason="Triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "batch,kv_heads,groups,capacity,head_dim,length,dtype,padded",
+    [
+        (2, 3, 1, 300, 64, 257, torch.float32, False),  # MHA, several splits, a partial last block
+        (2, 2, 4, 500, 96, 130, torch.float32, True),  # GQA, head_dim not a power of two, padding keys
+        (1, 1, 8, 40, 16, 1, torch.float16, False),  # one valid key
+        (1, 2, 2, 1000, 32, 1000, torch.float16, True),  # the whole buffer
+    ],
+)
+def test_triton_decode_kernel_matches_masked_attention(batch, kv_heads, groups, capacity, head_dim, length, dtype, padded):
+    """The split-KV kernel (run by Triton's interpreter without a GPU) against dense float64 attention."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(capacity)
+    q, k, v = (torch.randn(batch, h, n, head_dim, generator=gen, dtype=dtype).to(device)
+               for h, n in ((kv_heads * groups, 1), (kv_heads, capacity), (kv_heads, capacity)))
+    k[:, :, length:] = float("nan")  # beyond the length: never read
+    key_pos = None
+    if padded:
+        key_pos = torch.arange(capacity).repeat(batch, 1)
+        key_pos[0, :17] = -1
+        key_pos[-1, 5:9] = -1
+        key_pos = key_pos.to(device)
+    length_t = torch.tensor([length], dtype=torch.int32, device=device)
+    out = triton_decode_attention(q, k, v, length_t, key_pos, head_dim**-0.5)
+    valid = torch.arange(capacity, device=device)[None] < length
+    valid = valid & (key_pos >= 0) if key_pos is not None else valid.expand(batch, -1)
+    scores = q.double() @ k.double().repeat_interleave(groups, 1).transpose(-1, -2) * head_dim**-0.5
+    scores = scores.masked_fill(~valid[:, None, None], float("-inf"))
+    expected = scores.softmax(-1).nan_to_num() @ v.double().repeat_interleave(groups, 1).nan_to_num()
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replays_match_eager_static_steps():
+    model = device_model("llama").cuda()
+    cfg = model.config
+    mask = np.random.default_rng(0).random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
+    enable_duo_attention_eval(model, mask, sink_size=4, recent_size=8)
+    ids = torch.randint(1, cfg.vocab_size, (2, 60), device="cuda")
+    results = []
+    for graph in (False, True):
+        _, cache = chunked_logits(model, ids[:, :30], torch.ones_like(ids[:, :30]), [30])
+        cache.make_static(60)
+        decoder = StaticDecoder(model, cache, cuda_graph=graph)
+        results.append(torch.stack([decoder(ids[:, t : t + 1]) for t in range(30, 60)], 1))
+        assert cache.get_seq_length() == 60 and (decoder.graph is not None) == graph
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    disable_duo_attention(model)
