@@ -207,3 +207,33 @@ def test_cuda_graph_replays_match_eager_static_steps():
         assert cache.get_seq_length() == 60 and (decoder.graph is not None) == graph
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
     disable_duo_attention(model)
+
+
+@pytest.mark.slow
+def test_smollm2_generate_with_the_shipped_pattern_matches_transformers_generate():
+    """The real model and the shipped learned pattern: the static path (reordered heads, static cache, decode kernel
+    or its SDPA stand-in) produces transformers' greedy tokens exactly."""
+    pytest.importorskip("gguf")
+    from pathlib import Path
+
+    from duo_attn.models import load_model
+
+    try:
+        model, tokenizer = load_model("smollm2")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+    pattern = Path(__file__).resolve().parents[1] / "attn_patterns" / "SmolLM2-135M-Instruct" / "learned-sink64-recent256"
+    enable_duo_attention_eval(model, pattern, sparsity=0.5)
+    try:
+        text = "The grass is green. The sky is blue. " * 25 + "The pass key is 71432. Remember it. " + "The sun is warm. " * 20
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text + "What is the pass key?"}], add_generation_prompt=True, tokenize=False
+        )
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)
+        with torch.no_grad():
+            expected = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        ours = generate(model, ids, 16, prefill_chunk=128)
+        assert torch.equal(ours, expected[:, ids.shape[1] :])
+        assert "71432" in tokenizer.decode(ours[0])  # at 50% streaming heads the model still retrieves the key
+    finally:
+        disable_duo_attention(model)
