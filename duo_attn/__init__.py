@@ -1,6 +1,5 @@
 """DuoAttention for HuggingFace transformers: retrieval heads keep a full KV cache, streaming heads sink + recent."""
 
-from .generate import StaticDecoder, compile_decoder_modules, generate
 from .kv_cache import DuoCache, DuoCacheError
 from .patch import disable_duo_attention, enable_duo_attention_eval
 from .patterns import PatternError, load_attn_pattern, save_attn_pattern, sparsify_attention_heads
@@ -9,11 +8,8 @@ __all__ = [
     "DuoCache",
     "DuoCacheError",
     "PatternError",
-    "StaticDecoder",
-    "compile_decoder_modules",
     "disable_duo_attention",
     "enable_duo_attention_eval",
-    "generate",
     "load_attn_pattern",
     "save_attn_pattern",
     "sparsify_attention_heads",

@@ -7,9 +7,16 @@ launches), more than the GPU needs to read the weights and a duo cache. With the
 pass is captured once and replayed: the host cost of a step becomes one graph launch.
 
 ``model.generate`` keeps working as usual (eagerly); this module is the fast path for the common greedy case.
+
+    python -m duo_attn.generate --help   # generate on SmolLM2 and time it against transformers' generate
 """
 
 from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -153,3 +160,74 @@ def generate(
     if out.shape[1] < max_new_tokens:
         out = torch.cat([out, out.new_full((out.shape[0], max_new_tokens - out.shape[1]), eos_token_id)], dim=1)
     return out
+
+
+PASSKEY_PROMPT = "The grass is green. The sky is blue. " * 25 + "The pass key is 71432. Remember it. " + (
+    "The sun is warm. " * 20
+) + "What is the pass key?"
+
+
+def _ms_per_token(fn: Callable[[], torch.Tensor], new_tokens: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Wall time per new token (pre-fill included) of a second run; the first compiles, captures and warms up."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / new_tokens, out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .demo import SHIPPED_PATTERNS, default_pattern
+    from .eval.niah import DTYPES
+    from .models import SMOLLM2, load_model
+    from .patch import disable_duo_attention, enable_duo_attention_eval
+
+    parser = argparse.ArgumentParser(
+        description="Greedy generation with duo attention (static cache; a CUDA graph on GPUs), timed against "
+        "transformers' generate with full attention and with duo attention on its dynamic cache."
+    )
+    parser.add_argument("--model", default=SMOLLM2, help="'smollm2' (offline) or a local model directory")
+    parser.add_argument("--pattern", type=Path, default=default_pattern(SHIPPED_PATTERNS))
+    parser.add_argument("--sparsity", type=float, default=0.5, help="fraction of KV heads made streaming")
+    parser.add_argument("--prompt", default=PASSKEY_PROMPT, help="user message (default: a passkey question)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
+    args = parser.parse_args(argv)
+    if args.pattern is None or not args.pattern.is_dir():
+        parser.error(f"--pattern {args.pattern} is not a pattern directory")
+
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+    )
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    new = args.max_new_tokens
+
+    def hf_generate() -> torch.Tensor:
+        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        return out[:, ids.shape[1] :]
+
+    rows = [("transformers generate, full attention", *_ms_per_token(hf_generate, new, model.device))]
+    enable_duo_attention_eval(model, args.pattern, sparsity=args.sparsity)
+    rows.append(("transformers generate, duo (dynamic cache)", *_ms_per_token(hf_generate, new, model.device)))
+    rows.append(("duo_attn.generate, eager steps",
+                 *_ms_per_token(lambda: generate(model, ids, new, cuda_graph=False), new, model.device)))
+    if model.device.type == "cuda":
+        rows.append(("duo_attn.generate, CUDA graph", *_ms_per_token(lambda: generate(model, ids, new), new, model.device)))
+    disable_duo_attention(model)
+
+    print(f"{args.model}, {args.dtype}, {ids.shape[1]}-token prompt, {new} new tokens, pattern {args.pattern.name} "
+          f"at sparsity {args.sparsity}, {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'CPU'}\n")
+    print("| method | ms per new token (pre-fill included) | output |\n|---|---|---|")
+    for label, ms, out in rows:
+        answer = tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " ").replace("|", "/")
+        print(f"| {label} | {ms:.2f} | {answer[:60]} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -77,12 +77,20 @@ def _convert_smollm2(dest: Path) -> None:
         dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True),
     )
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = _with_pad_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     reloaded = AutoTokenizer.from_pretrained(dest)
     if not tokenizer.chat_template or reloaded.chat_template != tokenizer.chat_template:
         raise RuntimeError(f"the SmolLM2 chat template did not survive saving to {dest}")
+
+
+def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """transformers 5.23 reads SmolLM2's padding id from the GGUF (its end-of-turn token, also its eos); 5.17 reads
+    none, and a tokenizer without a pad token cannot pad a batch: fall back to the eos token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _copy_flat(src: Path, dest: Path) -> None:
@@ -147,8 +155,9 @@ def load_tokenizer(name_or_path: str = SMOLLM2) -> PreTrainedTokenizerBase:
     """
     if name_or_path == SMOLLM2 and not _is_complete(smollm2_cache_dir()):
         gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoTokenizer.from_pretrained(_resolve(name_or_path))
+        return _with_pad_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    tokenizer = AutoTokenizer.from_pretrained(_resolve(name_or_path))
+    return _with_pad_token(tokenizer) if name_or_path == SMOLLM2 else tokenizer
 
 
 def load_model(
@@ -166,8 +175,10 @@ def load_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if name_or_path == SMOLLM2 and not tokenizer.chat_template:
-        raise RuntimeError(f"SmolLM2 cache at {path} lost its chat template; delete the directory")
+    if name_or_path == SMOLLM2:
+        if not tokenizer.chat_template:
+            raise RuntimeError(f"SmolLM2 cache at {path} lost its chat template; delete the directory")
+        _with_pad_token(tokenizer)
     return model, tokenizer
 
 

@@ -138,6 +138,7 @@ def test_smollm2_loads_and_chats(tmp_path: Path):
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])  # weights de-quantized correctly
     assert load_tokenizer().chat_template == tokenizer.chat_template
+    assert tokenizer.pad_token is not None and load_tokenizer().pad_token == tokenizer.pad_token  # batches can pad
 
     copy = export_smollm2(tmp_path / "smollm2")
     try:
@@ -146,3 +147,15 @@ def test_smollm2_loads_and_chats(tmp_path: Path):
         assert torch.equal(copied.lm_head.weight, model.lm_head.weight)
     finally:
         shutil.rmtree(copy)  # 0.5 GB: do not leave it to pytest's tmp retention
+
+
+def test_a_smollm2_tokenizer_without_pad_token_gets_the_end_of_turn_token():
+    """transformers 5.17 does not read SmolLM2's padding id from the GGUF; batched prompts must still pad."""
+    from helpers import byte_level_tokenizer
+
+    from duo_attn.models import _with_pad_token
+
+    tokenizer = byte_level_tokenizer(["some text to train on"] * 4, 300, chatml=True)
+    tokenizer.pad_token = None
+    assert _with_pad_token(tokenizer).pad_token == "<|im_end|>" == tokenizer.eos_token
+    assert tokenizer(["a", "a b c"], padding=True).input_ids[0][-1] == tokenizer.eos_token_id

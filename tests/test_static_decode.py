@@ -219,7 +219,7 @@ def test_smollm2_generate_with_the_shipped_pattern_matches_transformers_generate
     from duo_attn.models import load_model
 
     try:
-        model, tokenizer = load_model("smollm2")
+        model, tokenizer = load_model("smollm2", device=DEVICE)
     except FileNotFoundError as err:
         pytest.skip(str(err))
     pattern = Path(__file__).resolve().parents[1] / "attn_patterns" / "SmolLM2-135M-Instruct" / "learned-sink64-recent256"
@@ -237,3 +237,26 @@ def test_smollm2_generate_with_the_shipped_pattern_matches_transformers_generate
         assert "71432" in tokenizer.decode(ours[0])  # at 50% streaming heads the model still retrieves the key
     finally:
         disable_duo_attention(model)
+
+
+def test_generate_cli_compares_the_paths_on_a_local_model(tmp_path, capsys):
+    from helpers import byte_level_tokenizer, tiny_llama
+
+    from duo_attn.generate import main
+    from duo_attn.patterns import save_attn_pattern
+
+    tokenizer = byte_level_tokenizer(["the pass key is 12345, remember it. " * 20], 300, chatml=True)
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    save_attn_pattern(tmp_path / "pattern", np.array([[0.9, 0.1], [0.2, 0.8]]), sink_size=4, recent_size=8)
+    main(["--model", str(tmp_path / "model"), "--pattern", str(tmp_path / "pattern"), "--max-new-tokens", "6",
+          "--prompt", "the pass key is 12345. " * 8, "--device", "cpu", "--dtype", "float32"])
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0] for row in rows] == [
+        "| transformers generate, full attention", "| transformers generate, duo (dynamic cache)",
+        "| duo_attn.generate, eager steps",
+    ]
+    assert rows[1][2] == rows[2][2]  # both duo paths generate the same text
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "model"), "--pattern", str(tmp_path / "nowhere")])
