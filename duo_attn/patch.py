@@ -136,7 +136,8 @@ def _can_reorder(attn: torch.nn.Module, num_q: int, num_kv: int) -> bool:
     q, k, v, o = mods
     return (
         q.out_features == num_q * head_dim and k.out_features == v.out_features == num_kv * head_dim
-        and o.in_features == num_q * head_dim and all(m.weight.is_floating_point() for m in mods)
+        and o.in_features == num_q * head_dim
+        and all(m.weight.is_floating_point() and m.weight.device.type != "meta" for m in mods)  # not offloaded
     )
 
 
