@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the efficiency benchmark times CUDA kernels and needs a GPU")
-    # Every method runs with the same SDPA kernels; cuDNN's is left out (see kernels.SDPA_BACKENDS).
+    # Every method runs with the same SDPA kernels; cuDNN's is left out (see kernels.sdpa).
     torch.backends.cuda.enable_cudnn_sdp(False)
 
     args.out.mkdir(parents=True, exist_ok=True)

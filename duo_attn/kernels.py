@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -216,15 +215,16 @@ def decode_attention(
     return result if out is None else out.copy_(result)
 
 
-# cuDNN attention is left out: it builds an execution plan per new shape, and while decoding every step is a new
-# key length (measured on an H100, torch 2.11: 2-10 ms of CPU time per call).
-SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 def sdpa(q, k, v, mask, is_causal: bool, scaling: float | None) -> torch.Tensor:
-    """SDPA with GQA read in place (``enable_gqa``) and without the cuDNN backend."""
+    """SDPA with GQA read in place (``enable_gqa``) and without the cuDNN backend: cuDNN builds an execution plan per
+    new shape, and while decoding every step is a new key length (measured on an H100, torch 2.11: 2-10 ms of CPU
+    time per call). The flag is flipped directly: the ``sdpa_kernel`` context manager cost ~50 us of host time per
+    call there, twice per layer and step."""
     kwargs = {"attn_mask": mask, "is_causal": is_causal, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
-    if q.device.type != "cuda":  # no cuDNN kernel to avoid; skip the context manager's cost
+    if q.device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    with sdpa_kernel(SDPA_BACKENDS):
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)

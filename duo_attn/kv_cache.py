@@ -39,7 +39,7 @@ class HeadLayout:
     streaming_kv: tuple[int, ...]
     num_kv_heads: int
     groups: int
-    _device_indices: dict = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)  # derived values, computed once
 
     @classmethod
     def from_mask(cls, retrieval_row: np.ndarray, num_q_heads: int) -> HeadLayout:
@@ -57,26 +57,38 @@ class HeadLayout:
     @property
     def retrieval_first(self) -> bool:
         """Retrieval heads are the first heads of the layer (the order `enable_duo_attention_eval` gives them)."""
-        return self.retrieval_kv == tuple(range(len(self.retrieval_kv)))
+        if "retrieval_first" not in self._memo:
+            self._memo["retrieval_first"] = self.retrieval_kv == tuple(range(len(self.retrieval_kv)))
+        return self._memo["retrieval_first"]
 
     def query_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
-        return tuple(h * self.groups + g for h in kv_heads for g in range(self.groups))
+        key = ("query", kv_heads)
+        if key not in self._memo:
+            self._memo[key] = tuple(h * self.groups + g for h in kv_heads for g in range(self.groups))
+        return self._memo[key]
 
     def device_index(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The head list as an index tensor on ``device``, made once (no host-to-device copy per step)."""
-        key = (heads, device)
-        if key not in self._device_indices:
-            self._device_indices[key] = torch.tensor(heads, dtype=torch.long, device=device)
-        return self._device_indices[key]
+        key = ("index", heads, device)
+        if key not in self._memo:
+            self._memo[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._memo[key]
+
+    def head_slice(self, heads: tuple[int, ...], total: int) -> slice | None:
+        """``heads`` as a slice of ``total`` heads when they are one contiguous run, else None."""
+        key = ("slice", heads, total)
+        if key not in self._memo:
+            contiguous = heads == tuple(range(heads[0], heads[0] + len(heads)))
+            self._memo[key] = slice(heads[0], heads[0] + len(heads)) if contiguous else None
+        return self._memo[key]
 
 
 def select_heads(x: torch.Tensor, heads: tuple[int, ...], total: int, layout: HeadLayout) -> torch.Tensor:
     """``x[:, heads]``: the tensor itself, a view when the heads are one contiguous run, else a gather."""
     if len(heads) == total:
         return x
-    if heads == tuple(range(heads[0], heads[0] + len(heads))):
-        return x[:, heads[0] : heads[0] + len(heads)]
-    return x.index_select(1, layout.device_index(heads, x.device))
+    part = layout.head_slice(heads, total)
+    return x[:, part] if part is not None else x.index_select(1, layout.device_index(heads, x.device))
 
 
 @dataclass
