@@ -46,7 +46,7 @@ def _split_kernel(
     q = tl.load(Q + b * sq_b + (h * groups + g)[:, None] * sq_h + d[None, :],
                 mask=(g < groups)[:, None] & d_ok[None, :], other=0.0)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_G], tl.float32)
+    denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, D_PAD], tl.float32)
     k_base = K + b * sk_b + h * sk_h
     v_base = V + b * sv_b + h * sv_h
@@ -65,7 +65,7 @@ def _split_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing valid yet: avoid -inf - -inf
         alpha = tl.exp2(m - m_safe)
         p = tl.exp2(s - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
+        denom = denom * alpha + tl.sum(p, 1)
         v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -73,9 +73,9 @@ def _split_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     row = (bh * num_splits + split) * BLOCK_G + g
-    l_safe = tl.where(l > 0, l, 1.0)  # a split with no valid key: weight 0 in the merge
-    tl.store(LSE_PART + row, tl.where(l > 0, m + tl.log2(l_safe), float("-inf")))
-    tl.store(O_PART + row[:, None] * D_PAD + d[None, :], acc / l_safe[:, None])
+    denom_safe = tl.where(denom > 0, denom, 1.0)  # a split with no valid key: weight 0 in the merge
+    tl.store(LSE_PART + row, tl.where(denom > 0, m + tl.log2(denom_safe), float("-inf")))
+    tl.store(O_PART + row[:, None] * D_PAD + d[None, :], acc / denom_safe[:, None])
 
 
 @triton.jit

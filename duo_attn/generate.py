@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt", default=PASSKEY_PROMPT, help="user message (default: a passkey question)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bfloat16" if torch.cuda.is_available() else "float32"
+    )
     args = parser.parse_args(argv)
     if args.pattern is None or not args.pattern.is_dir():
         parser.error(f"--pattern {args.pattern} is not a pattern directory")
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(("duo_attn.generate, eager steps",
                  *_ms_per_token(lambda: generate(model, ids, new, cuda_graph=False), new, model.device)))
     if model.device.type == "cuda":
-        rows.append(("duo_attn.generate, CUDA graph", *_ms_per_token(lambda: generate(model, ids, new), new, model.device)))
+        graphed = _ms_per_token(lambda: generate(model, ids, new), new, model.device)
+        rows.append(("duo_attn.generate, CUDA graph", *graphed))
     disable_duo_attention(model)
 
     print(f"{args.model}, {args.dtype}, {ids.shape[1]}-token prompt, {new} new tokens, pattern {args.pattern.name} "

@@ -1,12 +1,12 @@
 """The attention kernels behind attention.py: SDPA (no cuDNN), optional flash-attn, FlexAttention block-sparse
 pre-fill for streaming heads, and the static-shape decode call (Triton split-KV on GPUs, see decode_kernel.py).
 
-Streaming pre-fill: a pre-fill chunk of ``C`` queries attends, in a streaming head, to the ``S = sink + recent`` cached slots and to the
-chunk itself, but each query reads only sinks and its last ``recent`` keys. Dense masked attention would still cost
-``O(C * (S + C))``; here the block mask lists, for each 128-query block, only the key blocks that hold a sink slot
-or overlap its window, so the cost is ``O(C * (S + recent + 128))``. The block lists are computed arithmetically
-(never by evaluating the mask over all pairs) once per forward pass and shared by every layer; the exact token rule is
-applied inside the listed blocks by the mask function.
+Streaming pre-fill: a pre-fill chunk of ``C`` queries attends, in a streaming head, to the ``S = sink + recent``
+cached slots and to the chunk itself, but each query reads only sinks and its last ``recent`` keys. Dense masked
+attention would still cost ``O(C * (S + C))``; here the block mask lists, for each 128-query block, only the key
+blocks that hold a sink slot or overlap its window, so the cost is ``O(C * (S + recent + 128))``. The block lists are
+computed arithmetically (never by evaluating the mask over all pairs) once per forward pass and shared by every layer;
+the exact token rule is applied inside the listed blocks by the mask function.
 """
 
 from __future__ import annotations

@@ -170,7 +170,8 @@ class DuoCacheLayer(CacheLayerMixin):
         step = self.plan.step
         if isinstance(step, StaticStep) and key_states.shape[-2] == 1:
             return self._update_static(key_states, value_states, step)
-        if step is None or isinstance(step, StaticStep) or step.num_new != key_states.shape[-2] or step.cached_before != self.length:
+        stale = isinstance(step, StaticStep) or (step is not None and step.cached_before != self.length)
+        if step is None or stale or step.num_new != key_states.shape[-2]:
             raise DuoCacheError(
                 "DuoCache.update called outside a prepared step: use the cache through a model patched by "
                 "enable_duo_attention_eval (it calls DuoCache.begin_step before every forward pass)"

@@ -57,8 +57,14 @@ def test_prefill_summary_memory_ideal():
     config = _config("llama3-8b")
     wbytes = 15_000_000_000
     full_kv = bench.full_kv_bytes(config, 320_000)
-    points = [Point("prefill", m, 320_000, 32768, ms, gib, kv) for m, ms, gib, kv in (
-        ("hf", 234_000.0, 83.8, full_kv), ("duo-full", 90_000.0, 56.2, full_kv), ("duo", 50_000.0, 36.7, full_kv // 2))]
+    points = [
+        Point("prefill", m, 320_000, 32768, ms, gib, kv)
+        for m, ms, gib, kv in (
+            ("hf", 234_000.0, 83.8, full_kv),
+            ("duo-full", 90_000.0, 56.2, full_kv),
+            ("duo", 50_000.0, 36.7, full_kv // 2),
+        )
+    ]
     (row,) = bench.summarise_prefill(points, config, 0.5, 384, wbytes)
     assert row["hf s"] == 234.0 and row["speedup vs duo-full"] == pytest.approx(1.8)
     assert row["ideal (weights + KV)"] == pytest.approx((wbytes + full_kv) / (wbytes + full_kv // 2))

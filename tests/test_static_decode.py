@@ -44,7 +44,9 @@ def _padded_batch(rng, vocab, batch, length, pads):
     pass_mask=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_static_steps_match_the_oracle(arch, batch, pads, sink, recent, prefill, steps, back_to_dynamic, pass_mask, seed):
+def test_static_steps_match_the_oracle(
+    arch, batch, pads, sink, recent, prefill, steps, back_to_dynamic, pass_mask, seed
+):
     if sink + recent == 0:
         recent = 1
     model = _model(arch)
@@ -72,8 +74,11 @@ def test_static_steps_match_the_oracle(arch, batch, pads, sink, recent, prefill,
             end = prompt + steps
             with torch.no_grad():
                 out = model(
-                    input_ids=ids_d[:, end:], attention_mask=padding_d, position_ids=position_ids_for(padding_d)[:, end:],
-                    past_key_values=cache, use_cache=True,
+                    input_ids=ids_d[:, end:],
+                    attention_mask=padding_d,
+                    position_ids=position_ids_for(padding_d)[:, end:],
+                    past_key_values=cache,
+                    use_cache=True,
                 )
             logits = torch.cat([logits, out.logits.cpu()], dim=1)
     finally:
@@ -134,8 +139,11 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
         with pytest.raises(DuoCacheError, match="one token per step"):
             model(input_ids=ids[:, :2], past_key_values=cache)
         with pytest.raises(DuoCacheError, match="real tokens only"):
-            model(input_ids=ids[:, :1], attention_mask=torch.cat([short, torch.zeros_like(short[:, :1])], 1),
-                  past_key_values=cache)
+            model(
+                input_ids=ids[:, :1],
+                attention_mask=torch.cat([short, torch.zeros_like(short[:, :1])], 1),
+                past_key_values=cache,
+            )
         before = cache.real_seen.clone()
         with pytest.raises(DuoCacheError, match="make_dynamic"):
             cache.reorder_cache(torch.tensor([1, 0]))
@@ -149,7 +157,9 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
         with pytest.raises(DuoCacheError, match="make_static"):
             StaticDecoder(model, cache)
         with pytest.raises(ValueError, match="left padding"):
-            generate(model, ids, 3, attention_mask=torch.cat([torch.ones_like(short), torch.zeros_like(short)], 1)[:, 5:15])
+            generate(
+                model, ids, 3, attention_mask=torch.cat([torch.ones_like(short), torch.zeros_like(short)], 1)[:, 5:15]
+            )
     finally:
         disable_duo_attention(model)
 
@@ -167,12 +177,16 @@ needs_triton = pytest.mark.skipif(triton_decode_attention is None, reason="Trito
         (1, 2, 2, 1000, 32, 1000, torch.float16, True),  # the whole buffer
     ],
 )
-def test_triton_decode_kernel_matches_masked_attention(batch, kv_heads, groups, capacity, head_dim, length, dtype, padded):
+def test_triton_decode_kernel_matches_masked_attention(
+    batch, kv_heads, groups, capacity, head_dim, length, dtype, padded
+):
     """The split-KV kernel (run by Triton's interpreter without a GPU) against dense float64 attention."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen = torch.Generator().manual_seed(capacity)
-    q, k, v = (torch.randn(batch, h, n, head_dim, generator=gen, dtype=dtype).to(device)
-               for h, n in ((kv_heads * groups, 1), (kv_heads, capacity), (kv_heads, capacity)))
+    q, k, v = (
+        torch.randn(batch, h, n, head_dim, generator=gen, dtype=dtype).to(device)
+        for h, n in ((kv_heads * groups, 1), (kv_heads, capacity), (kv_heads, capacity))
+    )
     k[:, :, length:] = float("nan")  # beyond the length: never read
     key_pos = None
     if padded:
@@ -222,10 +236,16 @@ def test_smollm2_generate_with_the_shipped_pattern_matches_transformers_generate
         model, tokenizer = load_model("smollm2", device=DEVICE)
     except FileNotFoundError as err:
         pytest.skip(str(err))
-    pattern = Path(__file__).resolve().parents[1] / "attn_patterns" / "SmolLM2-135M-Instruct" / "learned-sink64-recent256"
+    pattern = (
+        Path(__file__).resolve().parents[1] / "attn_patterns" / "SmolLM2-135M-Instruct" / "learned-sink64-recent256"
+    )
     enable_duo_attention_eval(model, pattern, sparsity=0.5)
     try:
-        text = "The grass is green. The sky is blue. " * 25 + "The pass key is 71432. Remember it. " + "The sun is warm. " * 20
+        text = (
+            "The grass is green. The sky is blue. " * 25
+            + "The pass key is 71432. Remember it. "
+            + "The sun is warm. " * 20
+        )
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": text + "What is the pass key?"}], add_generation_prompt=True, tokenize=False
         )
@@ -249,12 +269,27 @@ def test_generate_cli_compares_the_paths_on_a_local_model(tmp_path, capsys):
     tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     save_attn_pattern(tmp_path / "pattern", np.array([[0.9, 0.1], [0.2, 0.8]]), sink_size=4, recent_size=8)
-    main(["--model", str(tmp_path / "model"), "--pattern", str(tmp_path / "pattern"), "--max-new-tokens", "6",
-          "--prompt", "the pass key is 12345. " * 8, "--device", "cpu", "--dtype", "float32"])
+    main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--pattern",
+            str(tmp_path / "pattern"),
+            "--max-new-tokens",
+            "6",
+            "--prompt",
+            "the pass key is 12345. " * 8,
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row[0] for row in rows] == [
-        "| transformers generate, full attention", "| transformers generate, duo (dynamic cache)",
+        "| transformers generate, full attention",
+        "| transformers generate, duo (dynamic cache)",
         "| duo_attn.generate, eager steps",
     ]
     assert rows[1][2] == rows[2][2]  # both duo paths generate the same text
