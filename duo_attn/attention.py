@@ -102,26 +102,25 @@ def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> tor
 
 def _attend_static(query: torch.Tensor, kv: DuoKV, step: StaticStep, scaling: float | None) -> torch.Tensor:
     """A static decode step: the valid keys of the reserved buffers come from the step's device tensors. With the
-    heads reordered, both groups write straight into their slices of one output."""
+    heads reordered, both groups write straight into their slices of one output (no merge)."""
     layout, n_q = kv.layout, query.shape[1]
-    if not layout.retrieval_first:
-        out = [None, None]
-    else:
+    merged = retrieval_out = streaming_out = None
+    if layout.retrieval_first:
         merged = query.new_empty(query.shape)
         split = len(layout.retrieval_kv) * layout.groups
-        out = [merged[:, :split], merged[:, split:]]
+        retrieval_out, streaming_out = merged[:, :split], merged[:, split:]
     if layout.retrieval_kv:
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
-        out[0] = decode_attention(q, kv.full_keys, kv.full_values, step.length, step.key_pos, scaling, out=out[0])
+        retrieval_out = decode_attention(
+            q, kv.full_keys, kv.full_values, step.length, step.key_pos, scaling, out=retrieval_out
+        )
     if layout.streaming_kv:
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
         # the ring holds the last `recent` cache indices, all inside the window: a filled slot is a visible slot
-        out[1] = decode_attention(
-            q, kv.streaming_keys, kv.streaming_values, step.num_slots, step.slot_pos, scaling, out=out[1]
+        streaming_out = decode_attention(
+            q, kv.streaming_keys, kv.streaming_values, step.num_slots, step.slot_pos, scaling, out=streaming_out
         )
-    if layout.retrieval_first:
-        return merged
-    return _merge_heads(query, layout, out[0], out[1])
+    return merged if merged is not None else _merge_heads(query, layout, retrieval_out, streaming_out)
 
 
 def _attend_uncached(

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .kv_cache import DuoCache, DuoCacheError
+from .masks import positions_from_padding
 
 
 class StaticDecoder:
@@ -87,11 +88,6 @@ def compile_decoder_modules(model: torch.nn.Module) -> None:
     getattr(model, "base_model", model).norm.compile(dynamic=False)
 
 
-def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding (padding gets 0; its outputs are never used)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -122,8 +118,8 @@ def generate(
     if not bool(mask[:, -1].all()):
         raise ValueError("generate expects left padding: the last column of attention_mask must be all ones")
     cache = DuoCache.for_model(model)
-    positions = position_ids_for(mask)
     length = input_ids.shape[1]
+    positions = positions_from_padding(mask, length, device).clamp(min=0)  # padding's outputs are never used
     for start in range(0, length, prefill_chunk):
         end = min(start + prefill_chunk, length)
         logits = model(

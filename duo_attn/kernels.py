@@ -218,8 +218,8 @@ def decode_attention(
 def sdpa(q, k, v, mask, is_causal: bool, scaling: float | None) -> torch.Tensor:
     """SDPA with GQA read in place (``enable_gqa``) and without the cuDNN backend: cuDNN builds an execution plan per
     new shape, and while decoding every step is a new key length (measured on an H100, torch 2.11: 2-10 ms of CPU
-    time per call). The flag is flipped directly: the ``sdpa_kernel`` context manager cost ~50 us of host time per
-    call there, twice per layer and step."""
+    time per call). The flag is flipped directly: the ``sdpa_kernel`` context manager showed up in a profile of the
+    eager decode step on that machine's slow host (it runs twice per layer and step)."""
     kwargs = {"attn_mask": mask, "is_causal": is_causal, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
     if q.device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
         return F.scaled_dot_product_attention(q, k, v, **kwargs)

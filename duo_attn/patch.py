@@ -39,18 +39,20 @@ class DuoAttentionState:
     previous_attn_implementation: str
     head_orders: list[np.ndarray] | None = None  # per layer, the KV-head permutation applied to the weights
     hook: Any = field(repr=False, default=None)
+    cache_mask: np.ndarray = field(init=False, repr=False)  # the mask in the heads' current order (see below)
+
+    def __post_init__(self) -> None:
+        # retrieval heads first once reordered; computed once, since every forward pass checks its cache against it
+        self.cache_mask = (
+            self.retrieval_mask
+            if self.head_orders is None
+            else np.stack([row[order] for row, order in zip(self.retrieval_mask, self.head_orders)])
+        )
 
     @property
     def sparsity(self) -> float:
         """Fraction of KV heads that are streaming heads."""
         return float(1.0 - self.retrieval_mask.mean())
-
-    @property
-    def cache_mask(self) -> np.ndarray:
-        """The mask in the order the heads now have (retrieval heads first once reordered)."""
-        if self.head_orders is None:
-            return self.retrieval_mask
-        return np.stack([row[order] for row, order in zip(self.retrieval_mask, self.head_orders)])
 
     def new_cache(self) -> DuoCache:
         return DuoCache(self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads)
@@ -196,20 +198,22 @@ def enable_duo_attention_eval(
     if previous is not None:
         disable_duo_attention(model)
     register_duo_attention()
+    head_orders = None
+    if reorder_heads and all(
+        _can_reorder(layer.self_attn, config.num_attention_heads, config.num_key_value_heads) for layer in layers
+    ):
+        head_orders = [np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)]) for row in mask]
     state = DuoAttentionState(
         mask,
         sink,
         recent,
         config.num_attention_heads,
         previous.previous_attn_implementation if previous else config._attn_implementation,
+        head_orders,
     )
     groups = config.num_attention_heads // config.num_key_value_heads
-    if reorder_heads and all(
-        _can_reorder(layer.self_attn, config.num_attention_heads, config.num_key_value_heads) for layer in layers
-    ):
-        state.head_orders = [np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)]) for row in mask]
-        for layer, order in zip(layers, state.head_orders):
-            _permute_heads(layer.self_attn, order, groups)
+    for layer, order in zip(layers, head_orders or []):
+        _permute_heads(layer.self_attn, order, groups)
     for layer, row in zip(layers, state.cache_mask):
         layout = HeadLayout.from_mask(row, config.num_attention_heads)
         layer.self_attn.duo_layer_spec = LayerSpec(layout, sink, recent)
@@ -256,10 +260,9 @@ def _prepare_duo_cache(state: DuoAttentionState):
         elif isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
             cache = state.new_cache()  # generate()'s default cache, still empty
         if isinstance(cache, DuoCache):
-            if cache.retrieval_mask.shape != state.retrieval_mask.shape or not (
-                np.array_equal(cache.retrieval_mask, state.cache_mask)
-                and (cache.sink_size, cache.recent_size) == (state.sink_size, state.recent_size)
-            ):
+            mask = cache.retrieval_mask
+            same_heads = mask is state.cache_mask or np.array_equal(mask, state.cache_mask)  # identity: our caches
+            if not same_heads or (cache.sink_size, cache.recent_size) != (state.sink_size, state.recent_size):
                 raise DuoCacheError(
                     "this DuoCache was built for another pattern or head order; make it with DuoCache.for_model(model)"
                 )
