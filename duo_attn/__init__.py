@@ -1,13 +1,16 @@
 """DuoAttention for HuggingFace transformers: retrieval heads keep a full KV cache, streaming heads sink + recent."""
 
-from .kv_cache import DuoCache, DuoCacheError
+from .errors import DuoCacheError, ModelError, PatternError, TransformersVersionError
+from .kv_cache import DuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
-from .patterns import PatternError, load_attn_pattern, save_attn_pattern, sparsify_attention_heads
+from .patterns import load_attn_pattern, save_attn_pattern, sparsify_attention_heads
 
 __all__ = [
     "DuoCache",
     "DuoCacheError",
+    "ModelError",
     "PatternError",
+    "TransformersVersionError",
     "disable_duo_attention",
     "enable_duo_attention_eval",
     "load_attn_pattern",

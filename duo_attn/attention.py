@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.bias import causal_lower_right
 
+from .compat import version_note
+from .errors import DuoCacheError, ModelError
 from .kernels import BlockMask, decode_attention, flash_attention, flex_streaming_attention, sdpa, use_flash_attn
 from .kv_cache import DuoKV, HeadLayout, StaticStep, select_heads
 from .masks import allowed_keys, positions_from_padding
@@ -32,12 +34,20 @@ def duo_attention_forward(
     """transformers attention interface: ``query [B, H, Q, D]`` in, ``[B, Q, H, D]`` out (no attention weights)."""
     spec = getattr(module, "duo_layer_spec", None)
     if spec is None:
-        raise RuntimeError(
+        raise ModelError(
             f"attention module {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no duo "
             "attention layout: enable it with enable_duo_attention_eval(model, pattern)"
         )
+    if kwargs.get("sliding_window") is not None:
+        raise ModelError(f"layer {module.layer_idx} asks for a sliding window, which duo attention does not implement")
     if isinstance(key, DuoKV):
         out = _attend_cached(query, key, scaling)
+    elif spec.forward.cached or key.shape[2] != query.shape[2]:
+        # keys that did not come from the DuoCache the pre-hook planned: some other cache holds this layer's keys
+        raise DuoCacheError(
+            f"layer {module.layer_idx} received plain keys instead of its DuoCache under {version_note()}: the "
+            "model handed the cache to its layers in a way duo-attn does not patch, so it refuses to run"
+        )
     else:
         out = _attend_uncached(query, key, value, attention_mask, spec, scaling)
     return out.transpose(1, 2).contiguous(), None
@@ -149,11 +159,18 @@ def _attend_uncached(
     return _merge_heads(query, layout, retrieval_out, streaming_out)
 
 
+class ForwardFlags:
+    """What the pre-hook tells every layer about the forward pass under way (one object shared by all layers)."""
+
+    def __init__(self) -> None:
+        self.cached = False  # a DuoCache was planned: every layer must receive its keys from it
+
+
 class LayerSpec:
     """What the attention function needs to know about its layer; attached to the attention module by the patch."""
 
-    def __init__(self, layout: HeadLayout, sink_size: int, recent_size: int):
-        self.layout, self.sink_size, self.recent_size = layout, sink_size, recent_size
+    def __init__(self, layout: HeadLayout, sink_size: int, recent_size: int, forward: ForwardFlags):
+        self.layout, self.sink_size, self.recent_size, self.forward = layout, sink_size, recent_size, forward
 
     def __repr__(self) -> str:
         return (

@@ -25,6 +25,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig
 
+from .compat import cache_kwargs
 from .generate import StaticDecoder, compile_decoder_modules
 from .kv_cache import DuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
@@ -181,7 +182,7 @@ def bench_decode(model, method: str, context: int, steps: int, warmup: int, devi
             decoder = StaticDecoder(model, cache, cuda_graph=graph)
             step = lambda: decoder(token)  # noqa: E731
         else:
-            step = lambda: model(token, past_key_values=cache, use_cache=True)  # noqa: E731
+            step = lambda: model(token, **cache_kwargs(model, cache), use_cache=True)  # noqa: E731
         for _ in range(warmup):
             step()
         torch.cuda.synchronize()
@@ -212,7 +213,7 @@ def bench_prefill(model, method: str, context: int, chunk: int, device: str) -> 
     def run(tokens: int = context):
         cache = DuoCache.for_model(model) if method != "hf" else DynamicCache(config=model.config)
         for start in range(0, tokens, chunk):
-            model(ids[:, start : min(start + chunk, tokens)], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids[:, start : min(start + chunk, tokens)], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         return cache
 
     try:
@@ -337,7 +338,7 @@ def plot(rows: list[dict], x: str, ys: list[str], ylabel: str, title: str, path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="duo-attn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     parser.add_argument("--sparsity", type=float, default=0.75, help="fraction of KV heads made streaming")
     parser.add_argument("--patterns-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference_patterns",

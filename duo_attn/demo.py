@@ -40,7 +40,7 @@ def default_pattern(root: Path) -> Path | None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m duo_attn.demo",
+        prog="duo-attn demo",
         description="Answer a few ~1K-token passkey prompts with full attention and with DuoAttention on "
         "SmolLM2-135M-Instruct (offline), and compare answers, teacher-forced digit accuracy, KV-cache bytes and time.",
     )

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from .kv_cache import DuoCache, DuoCacheError
+from .compat import cache_kwargs
+from .errors import DuoCacheError
+from .kv_cache import DuoCache
 from .masks import positions_from_padding
 
 
@@ -45,7 +47,7 @@ class StaticDecoder:
         self.calls = 0
 
     def _forward(self) -> torch.Tensor:
-        return self.model(input_ids=self.input_ids, past_key_values=self.cache, use_cache=True).logits
+        return self.model(input_ids=self.input_ids, **cache_kwargs(self.model, self.cache), use_cache=True).logits
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -124,7 +126,7 @@ def generate(
         end = min(start + prefill_chunk, length)
         logits = model(
             input_ids=input_ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions[:, start:end],
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
 
     token = logits.argmax(-1, keepdim=True)
@@ -144,7 +146,7 @@ def generate(
             mask = torch.cat([mask, torch.ones_like(token)], dim=1)
             logits = model(
                 input_ids=token, attention_mask=mask, position_ids=cache.real_seen[:, None].clone(),
-                past_key_values=cache, use_cache=True,
+                **cache_kwargs(model, cache), use_cache=True,
             ).logits[:, -1]
         else:
             logits = decoder(token)
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     from .patch import disable_duo_attention, enable_duo_attention_eval
 
     parser = argparse.ArgumentParser(
+        prog="duo-attn generate",
         description="Greedy generation with duo attention (static cache; a CUDA graph on GPUs), timed against "
         "transformers' generate with full attention and with duo attention on its dynamic cache."
     )

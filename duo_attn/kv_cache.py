@@ -21,14 +21,11 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .errors import DuoCacheError
 from .kernels import BlockMask, streaming_block_mask, use_flex
 from .masks import allowed_keys, positions_from_padding
 
 GROWTH_BLOCK = 256  # retrieval caches grow in blocks of this many tokens, not by a concatenation per step
-
-
-class DuoCacheError(RuntimeError):
-    """An operation the dual cache cannot perform (cropping: evicted streaming tokens cannot be restored)."""
 
 
 @dataclass(frozen=True)
@@ -170,11 +167,17 @@ class DuoCacheLayer(CacheLayerMixin):
         step = self.plan.step
         if isinstance(step, StaticStep) and key_states.shape[-2] == 1:
             return self._update_static(key_states, value_states, step)
-        stale = isinstance(step, StaticStep) or (step is not None and step.cached_before != self.length)
-        if step is None or stale or step.num_new != key_states.shape[-2]:
+        if step is None:
             raise DuoCacheError(
-                "DuoCache.update called outside a prepared step: use the cache through a model patched by "
-                "enable_duo_attention_eval (it calls DuoCache.begin_step before every forward pass)"
+                "this DuoCache reached an attention layer without being planned for the forward pass: a model "
+                "patched by enable_duo_attention_eval plans its cache in a pre-hook of the base model, so the cache "
+                "was given to an unpatched model or to a layer called directly"
+            )
+        if isinstance(step, StaticStep) or step.cached_before != self.length or step.num_new != key_states.shape[-2]:
+            raise DuoCacheError(
+                f"layer got {key_states.shape[-2]} new tokens after {self.length} cached, but the cache planned "
+                f"{step.num_new} after {getattr(step, 'cached_before', 'a static step')}: every forward pass must go "
+                "through the patched model as a whole"
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -332,16 +335,6 @@ class DuoCache(Cache):
         """
         if self.static is not None:
             return self._begin_static_step(padding_mask, num_new, batch_size)
-        if padding_mask is not None:
-            if padding_mask.dim() != 2:
-                raise DuoCacheError(
-                    f"duo attention builds its own masks and needs a 2-D padding mask, got shape {tuple(padding_mask.shape)}"
-                )
-            if padding_mask.shape[-1] < num_new or padding_mask.shape[0] != batch_size:
-                raise DuoCacheError(
-                    f"attention_mask of shape {tuple(padding_mask.shape)} does not cover {num_new} new tokens "
-                    f"of a batch of {batch_size}"
-                )
         if self.real_seen is None:
             self.real_seen = torch.zeros(batch_size, dtype=torch.long, device=device)
             self.slot_pos = torch.full((batch_size, self.num_slots), -1, dtype=torch.long, device=device)

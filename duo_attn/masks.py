@@ -9,6 +9,24 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ModelError
+
+
+def check_padding_mask(padding_mask: torch.Tensor | None, num_new: int, batch_size: int) -> None:
+    """Duo attention builds its own masks from the usual 2-D padding mask (1 = real token), which must cover at
+    least the new tokens of every sequence."""
+    if padding_mask is None:
+        return
+    if padding_mask.dim() != 2:
+        raise ModelError(
+            f"duo attention builds its own masks and needs a 2-D padding mask, got shape {tuple(padding_mask.shape)}"
+        )
+    if padding_mask.shape[-1] < num_new or padding_mask.shape[0] != batch_size:
+        raise ModelError(
+            f"attention_mask of shape {tuple(padding_mask.shape)} does not cover {num_new} new tokens "
+            f"of a batch of {batch_size}"
+        )
+
 
 def positions_from_padding(padding_mask: torch.Tensor | None, length: int, device: torch.device) -> torch.Tensor:
     """Token positions ``[B or 1, length]`` from a 2-D padding mask (1 = real token); padding gets ``-1``."""

@@ -18,9 +18,12 @@ from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import ATTENTION_NAME, LayerSpec, duo_attention_forward, duo_padding_mask
-from .kv_cache import DuoCache, DuoCacheError, HeadLayout, StaticStep
-from .patterns import PatternError, check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
+from .attention import ATTENTION_NAME, ForwardFlags, LayerSpec, duo_attention_forward, duo_padding_mask
+from .compat import cache_argument, take_cache, version_note, warn_if_untested
+from .errors import DuoCacheError, ModelError, PatternError
+from .kv_cache import DuoCache, HeadLayout, StaticStep
+from .masks import check_padding_mask
+from .patterns import check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_THRESHOLD = 0.5  # the original implementation's default when neither sparsity nor threshold is given
@@ -38,7 +41,9 @@ class DuoAttentionState:
     num_attention_heads: int
     previous_attn_implementation: str
     head_orders: list[np.ndarray] | None = None  # per layer, the KV-head permutation applied to the weights
+    cache_arg: str = "past_key_values"  # the name the base model's forward takes the cache under (compat.py)
     hook: Any = field(repr=False, default=None)
+    forward: ForwardFlags = field(default_factory=ForwardFlags, repr=False)  # shared with every layer's spec
     cache_mask: np.ndarray = field(init=False, repr=False)  # the mask in the heads' current order (see below)
 
     def __post_init__(self) -> None:
@@ -107,7 +112,7 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     base = getattr(model, "base_model", model)
     layers = getattr(base, "layers", None)
     if layers is None:
-        raise PatternError(f"{type(model).__name__} has no decoder layers where duo attention expects them")
+        raise ModelError(f"{type(model).__name__} has no decoder layers where duo attention expects them")
     return list(layers)
 
 
@@ -115,15 +120,21 @@ def _check_model(model: torch.nn.Module) -> None:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise PatternError(
+        raise ModelError(
             f"duo attention supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; got {model_type!r} "
             f"({type(model).__name__})"
         )
     if not getattr(model, "_supports_attention_backend", False):
-        raise PatternError(f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface")
+        raise ModelError(f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface")
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     if any(kind != "full_attention" for kind in layer_types):
-        raise PatternError(f"duo attention needs full-attention layers only; this model has layer types {set(layer_types)}")
+        raise ModelError(f"duo attention needs full-attention layers only; this model has layer types {set(layer_types)}")
+    # Mistral applies config.sliding_window to every layer (it has no layer_types): a window the rule would ignore
+    if model_type == "mistral" and getattr(config, "sliding_window", None) is not None:
+        raise ModelError(
+            f"this Mistral model attends within a sliding window of {config.sliding_window} tokens, which duo "
+            "attention does not implement; set config.sliding_window = None only if the model was trained without it"
+        )
 
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -187,6 +198,8 @@ def enable_duo_attention_eval(
     Layers whose projections are not plain linear layers keep their order. Undone by `disable_duo_attention`.
     """
     _check_model(model)
+    cache_arg = cache_argument(getattr(model, "base_model", model))
+    warn_if_untested()
     mask, sink, recent = resolve_pattern(
         pattern, sparsity=sparsity, threshold=threshold, sink_size=sink_size, recent_size=recent_size
     )
@@ -210,13 +223,14 @@ def enable_duo_attention_eval(
         config.num_attention_heads,
         previous.previous_attn_implementation if previous else config._attn_implementation,
         head_orders,
+        cache_arg,
     )
     groups = config.num_attention_heads // config.num_key_value_heads
     for layer, order in zip(layers, head_orders or []):
         _permute_heads(layer.self_attn, order, groups)
     for layer, row in zip(layers, state.cache_mask):
         layout = HeadLayout.from_mask(row, config.num_attention_heads)
-        layer.self_attn.duo_layer_spec = LayerSpec(layout, sink, recent)
+        layer.self_attn.duo_layer_spec = LayerSpec(layout, sink, recent, state.forward)
     model.set_attn_implementation(ATTENTION_NAME)
     base = getattr(model, "base_model", model)
     state.hook = base.register_forward_pre_hook(_prepare_duo_cache(state), with_kwargs=True)
@@ -228,7 +242,7 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
     """Undo `enable_duo_attention_eval`: original attention implementation, no hook, no layouts."""
     state = getattr(model, "duo_attention", None)
     if state is None:
-        raise PatternError("duo attention is not enabled on this model")
+        raise ModelError("duo attention is not enabled on this model")
     state.hook.remove()
     layers = decoder_layers(model)
     if state.head_orders is not None:
@@ -243,36 +257,43 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
 
 
 def _prepare_duo_cache(state: DuoAttentionState):
-    """Forward pre-hook: supply a DuoCache where the model would use a fresh default cache, then plan the step."""
+    """Forward pre-hook: supply a DuoCache where the model would use a fresh default cache, then plan the step.
+
+    Any other cache is refused: the patched model either keeps its keys and values in a DuoCache or does not run.
+    """
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         padding_mask = kwargs.get("attention_mask")
-        if padding_mask is not None and padding_mask.dim() != 2:
-            raise PatternError(
-                f"duo attention builds its own masks from a 2-D padding mask; got one of shape {tuple(padding_mask.shape)}"
-            )
-        cache = kwargs.get("past_key_values")
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs["inputs_embeds"]
+        check_padding_mask(padding_mask, inputs.shape[1], inputs.shape[0])
+        cache = take_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
         if cache is None and use_cache and not (module.training and getattr(module, "gradient_checkpointing", False)):
             cache = state.new_cache()
-        elif isinstance(cache, DynamicCache) and cache.get_seq_length() == 0:
+        elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
             cache = state.new_cache()  # generate()'s default cache, still empty
-        if isinstance(cache, DuoCache):
+        elif cache is not None and not isinstance(cache, DuoCache):
+            raise DuoCacheError(
+                f"a duo-attention model got a {type(cache).__name__}: its keys and values must live in a DuoCache. "
+                "Pass no cache (one is made), an empty DynamicCache, or DuoCache.for_model(model); generate()'s "
+                "cache_implementation options other than the default are not supported"
+            )
+        state.forward.cached = cache is not None
+        if cache is not None:
             mask = cache.retrieval_mask
             same_heads = mask is state.cache_mask or np.array_equal(mask, state.cache_mask)  # identity: our caches
             if not same_heads or (cache.sink_size, cache.recent_size) != (state.sink_size, state.recent_size):
                 raise DuoCacheError(
                     "this DuoCache was built for another pattern or head order; make it with DuoCache.for_model(model)"
                 )
-            inputs = kwargs.get("input_ids", args[0] if args else None)
-            if inputs is None:
-                inputs = kwargs["inputs_embeds"]
             step = cache.begin_step(padding_mask, inputs.shape[1], inputs.shape[0], inputs.device)
-            kwargs["past_key_values"] = cache
             if isinstance(step, StaticStep) and kwargs.get("position_ids") is None:
                 kwargs["position_ids"] = step.query_pos  # a device buffer: a captured step reads the current value
+        kwargs[state.cache_arg] = cache
         return args, kwargs
 
     return hook

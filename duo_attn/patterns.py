@@ -18,16 +18,14 @@ from typing import Any
 
 import numpy as np
 
+from .errors import PatternError
+
 GATES_FILE = "full_attention_heads.tsv"
 CONFIG_FILE = "config.json"
 
 # Published gates were stored in bf16 and clamped before the optimiser step, so values a little outside [0, 1]
 # occur (down to about -1.4e-3 in the authors' files). Larger excursions mean the file is not a gate table.
 _CLIP_TOLERANCE = 0.05
-
-
-class PatternError(ValueError):
-    """A pattern file or argument is malformed or does not fit the model."""
 
 
 def load_attn_pattern(path: str | os.PathLike) -> tuple[np.ndarray, int, int]:
@@ -155,8 +153,7 @@ def sparsify_attention_heads(
     if (sparsity is None) == (threshold is None):
         raise PatternError("give exactly one of sparsity or threshold")
     if sparsity is not None:
-        if isinstance(sparsity, bool) or not 0.0 <= float(sparsity) <= 1.0:
-            raise PatternError(f"sparsity must be in [0, 1], got {sparsity!r}")
+        sparsity = _fraction("sparsity", sparsity)
         flat = gates.ravel()
         n_streaming = int(round(float(sparsity) * flat.size))
         order = np.lexsort((np.arange(flat.size), flat))  # by gate, then by row-major index
@@ -164,10 +161,17 @@ def sparsify_attention_heads(
         mask[order[:n_streaming]] = False
         mask = mask.reshape(gates.shape)
     else:
-        if isinstance(threshold, bool) or not 0.0 <= float(threshold) <= 1.0:
-            raise PatternError(f"threshold must be in [0, 1], got {threshold!r}")
-        mask = gates >= float(threshold)
+        mask = gates >= _fraction("threshold", threshold)
     return mask, float(1.0 - mask.mean())
+
+
+def _fraction(name: str, value: object) -> float:
+    """A real number in [0, 1]; strings and booleans are refused rather than converted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PatternError(f"{name} must be a number in [0, 1], got {type(value).__name__} {value!r}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise PatternError(f"{name} must be in [0, 1], got {value!r}")
+    return float(value)
 
 
 def check_pattern_fits(mask_or_gates: np.ndarray, num_layers: int, num_kv_heads: int) -> None:

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     """CLI flags mirror `ScoreConfig` one to one."""
     d = ScoreConfig()
     p = argparse.ArgumentParser(
-        prog="python -m duo_attn.scoring",
+        prog="duo-attn score",
         description="Score KV heads without training: attention mass of the passkey answers' queries outside each "
         "head's sink + recent window (1 = most retrieval-like). Writes a pattern directory usable like learned gates.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -267,7 +267,7 @@ class PasskeyRunConfig:
     output_dir: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    sink_size: int = 128
+    sink_size: int = 64  # the shipped SmolLM2 patterns' window; the paper used 128 for 7-8B models
     recent_size: int = 256
     context_length_min: int = 1024
     context_length_max: int = 8192
@@ -379,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     """CLI flags mirror `TrainConfig` one to one."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        prog="python -m duo_attn.train",
+        prog="duo-attn train",
         description="Learn DuoAttention gates (retrieval vs streaming KV heads) by distillation on synthetic "
         "multi-passkey data. Writes a pattern directory for load_attn_pattern / enable_duo_attention_eval.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

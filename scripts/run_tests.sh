@@ -5,4 +5,5 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 # shellcheck disable=SC1091
 . "$root/scripts/setup_env.sh"
 cd "$root"
+python -c 'import torch, transformers; print("testing with torch", torch.__version__, "and transformers", transformers.__version__)'
 python -m pytest -q "$@"

@@ -15,6 +15,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from duo_attn.compat import cache_kwargs, output_cache
 from duo_attn.models import tiny_model
 
 NAME = "duo_reference_oracle"
@@ -102,10 +103,10 @@ def chunked_logits(model, input_ids, padding_mask, chunk_sizes, cache=None) -> t
             input_ids=input_ids[:, start:end],
             attention_mask=padding_mask[:, :end],
             position_ids=position_ids[:, start:end],
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits.append(out.logits)
         start = end
     assert start == input_ids.shape[1]

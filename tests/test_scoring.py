@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import requires_smollm2
 
 from duo_attn.models import tiny_model
 from duo_attn.patch import enable_duo_attention_eval
@@ -88,6 +89,7 @@ def test_normalise_refuses_contexts_inside_the_window() -> None:
         normalise_scores(np.zeros((2, 2)))
 
 
+@requires_smollm2  # the tiny model borrows SmolLM2's tokenizer for its passkey data
 def test_scoring_writes_a_usable_pattern(tmp_path: Path) -> None:
     config = ScoreConfig(
         model="tiny-llama", output_dir=str(tmp_path / "scores"), device="cpu", sink_size=16, recent_size=32,

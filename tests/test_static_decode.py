@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from duo_attn.compat import cache_kwargs
 from duo_reference import DEVICE, chunked_logits, device_model, oracle_logits, oracle_model, position_ids_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -66,7 +67,7 @@ def test_static_steps_match_the_oracle(
         with torch.no_grad():
             for t in range(prompt, prompt + steps):
                 kwargs = {"attention_mask": padding_d[:, : t + 1]} if pass_mask else {}
-                out = model(input_ids=ids_d[:, t : t + 1], past_key_values=cache, use_cache=True, **kwargs)
+                out = model(input_ids=ids_d[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True, **kwargs)
                 logits = torch.cat([logits, out.logits.cpu()], dim=1)
         assert cache.get_seq_length() == prompt + steps
         if back_to_dynamic:
@@ -77,7 +78,7 @@ def test_static_steps_match_the_oracle(
                     input_ids=ids_d[:, end:],
                     attention_mask=padding_d,
                     position_ids=position_ids_for(padding_d)[:, end:],
-                    past_key_values=cache,
+                    **cache_kwargs(model, cache),
                     use_cache=True,
                 )
             logits = torch.cat([logits, out.logits.cpu()], dim=1)
@@ -137,12 +138,12 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
         cache.make_static(20)  # rounded up to a growth block
         assert cache.capacity % 256 == 0 and cache.layers[1].full_keys.shape[2] == cache.capacity
         with pytest.raises(DuoCacheError, match="one token per step"):
-            model(input_ids=ids[:, :2], past_key_values=cache)
+            model(input_ids=ids[:, :2], **cache_kwargs(model, cache))
         with pytest.raises(DuoCacheError, match="real tokens only"):
             model(
                 input_ids=ids[:, :1],
                 attention_mask=torch.cat([short, torch.zeros_like(short[:, :1])], 1),
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
             )
         before = cache.real_seen.clone()
         with pytest.raises(DuoCacheError, match="make_dynamic"):
@@ -152,7 +153,7 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
             StaticDecoder(model, cache, cuda_graph=False)(ids[:1, :1])
         cache.capacity = cache.seen  # as if the reserved buffers were used up
         with pytest.raises(DuoCacheError, match="full"):
-            model(input_ids=ids[:, :1], past_key_values=cache)
+            model(input_ids=ids[:, :1], **cache_kwargs(model, cache))
         cache.make_dynamic()
         with pytest.raises(DuoCacheError, match="make_static"):
             StaticDecoder(model, cache)

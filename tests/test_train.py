@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import requires_smollm2
 from torch import nn
 
 import duo_attn.train as train_module
@@ -158,6 +159,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert factors[-1] > 0
 
 
+@requires_smollm2  # the tiny model borrows SmolLM2's tokenizer for its passkey data
 def test_training_lowers_the_loss(tmp_path: Path) -> None:
     config = _tiny_config(tmp_path, num_steps=12, reg_weight=1.0, lr=0.05, warmup_ratio=0.0, checkpoint_every=100)
     out = train(config)
@@ -168,6 +170,7 @@ def test_training_lowers_the_loss(tmp_path: Path) -> None:
     assert history[-1]["mean_gate"] < 1.0
 
 
+@requires_smollm2  # the tiny model borrows SmolLM2's tokenizer for its passkey data
 def test_clamping_and_written_pattern(tmp_path: Path) -> None:
     # Adam's first step moves every gate by the full learning rate, 1 -> -2 here, which the clamp undoes.
     config = _tiny_config(tmp_path, num_steps=1, reg_weight=5.0, lr=3.0, warmup_ratio=0.0)
@@ -184,6 +187,7 @@ def test_clamping_and_written_pattern(tmp_path: Path) -> None:
     assert (out / HEATMAP_FILE).stat().st_size > 1000
 
 
+@requires_smollm2  # the tiny model borrows SmolLM2's tokenizer for its passkey data
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     settings = {"num_steps": 6, "grad_accum_steps": 2, "lr": 0.1, "reg_weight": 0.5, "checkpoint_every": 2}
     whole = train(_tiny_config(tmp_path / "whole", **settings))

@@ -392,7 +392,7 @@ def _parse_tasks(value: str) -> list[str]:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m duo_attn.eval.longbench", description="LongBench prediction and scoring (resumable)."
+        prog="duo-attn longbench", description="LongBench prediction and scoring (resumable)."
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
+from ..compat import cache_kwargs
 from ..data import NeedlePrompt, build_needle_prompt, encode_haystack, load_haystack
 from ..kv_cache import DuoCache
 from ..models import SMOLLM2, load_model
@@ -104,7 +105,7 @@ def prefill(model: PreTrainedModel, prompt_ids: torch.Tensor, cache: Cache, chun
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     for start in range(0, ids.shape[1], chunk_size):
         chunk = ids[:, start : start + chunk_size]
-        logits = model(chunk, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(chunk, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
     return logits[0, -1]
 
 
@@ -123,7 +124,7 @@ def _teacher_forced_accuracy(
 ) -> float:
     predictions = [last_logits.argmax().view(1)]
     if answer_ids.numel() > 1:
-        logits = model(answer_ids[None, :-1], past_key_values=cache, use_cache=True, logits_to_keep=0).logits
+        logits = model(answer_ids[None, :-1], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=0).logits
         predictions.append(logits[0].argmax(-1))
     return (torch.cat(predictions) == answer_ids).float().mean().item()
 
@@ -138,7 +139,7 @@ def _greedy_decode(
         tokens.append(int(next_token))
         if tokens[-1] in eos_ids or len(tokens) >= max_new_tokens:
             return tokens
-        logits = model(next_token.view(1, 1), past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(next_token.view(1, 1), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
         next_token = logits[0, -1].argmax()
 
 
@@ -582,7 +583,7 @@ def run_and_report(
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m duo_attn.eval.niah",
+        prog="duo-attn niah",
         description="Needle-in-a-haystack grid (context length x depth) for full attention, DuoAttention patterns, "
         "random head choices and all-streaming heads. Writes results.json, summary.md and one heatmap per method.",
     )

@@ -92,7 +92,7 @@ def passkey_cells(
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m duo_attn.eval.passkey_grid",
+        prog="duo-attn passkey-grid",
         description="Held-out passkey grid (contexts x depths x keys) comparing full attention, a learned pattern, a "
         "second pattern, random heads and all-streaming heads at the same retrieval-head fractions. Writes "
         "results.json, summary.md and one heatmap per method.",

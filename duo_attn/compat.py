@@ -1,0 +1,92 @@
+"""The one place that knows how the installed transformers names what changed inside 5.x.
+
+transformers 5.24 renamed the models' cache argument (and the output field) from ``past_key_values`` to ``cache``;
+the old name is deprecated, to be removed in 5.40. The name a model takes is read from its ``forward`` signature
+(``deprecate_kwarg`` keeps the signature of the wrapped function), never from a version number, so a model family
+that renames later is handled too. Everything else in the library passes and reads caches through this module.
+
+Supported and proven by CI: `TESTED_TRANSFORMERS` (both ends of the declared range in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import transformers
+from packaging.specifiers import SpecifierSet
+
+from .errors import TransformersVersionError
+
+CACHE_NAMES = ("cache", "past_key_values")  # the current name first, then the deprecated one
+TESTED_TRANSFORMERS = ("5.17.0", "5.24.0")  # CI runs the suite at both ends
+SUPPORTED_RANGE = ">=5.17,<5.25"  # pyproject.toml's requirement (a test keeps them equal): up to the next minor
+
+
+def transformers_version() -> str:
+    return transformers.__version__
+
+
+def version_note() -> str:
+    """``"transformers 5.24.0 (duo-attn supports >=5.17.0,<5.25)"``, for error messages."""
+    return f"transformers {transformers_version()} (duo-attn supports {SUPPORTED_RANGE})"
+
+
+@functools.cache
+def _cache_argument_of(forward_owner: type) -> str:
+    parameters = inspect.signature(forward_owner.forward).parameters
+    for name in CACHE_NAMES:
+        if name in parameters:
+            return name
+    raise TransformersVersionError(
+        f"{forward_owner.__name__}.forward takes none of the cache arguments {CACHE_NAMES} under {version_note()}: "
+        "duo attention cannot supply its cache to this model"
+    )
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which ``model.forward`` (and ``generate``) take the KV cache."""
+    return _cache_argument_of(type(model))
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for a call of ``model(...)`` or ``model.generate(...)``, with no deprecation warning."""
+    return {cache_argument(model): cache}
+
+
+def take_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove and return the cache from a forward call's keyword arguments, under whichever name it was passed.
+
+    Passing it under both names is refused, as is any other keyword argument holding a `Cache` (a name this module
+    does not know would otherwise carry the cache past the patch unseen)."""
+    given = {name: kwargs.pop(name) for name in CACHE_NAMES if kwargs.get(name) is not None}
+    for name in CACHE_NAMES:
+        kwargs.pop(name, None)
+    if len(given) > 1:
+        raise TypeError(f"the cache was passed both as {' and '.join(given)}; pass it once")
+    stray = [name for name, value in kwargs.items() if isinstance(value, transformers.cache_utils.Cache)]
+    if stray:
+        raise TransformersVersionError(
+            f"a cache arrived under the unknown argument name {stray[0]!r} under {version_note()}: duo attention "
+            f"only knows {CACHE_NAMES} and refuses to run without seeing its cache"
+        )
+    return next(iter(given.values()), None)
+
+
+def output_cache(outputs: Any) -> Any:
+    """The cache a model output carries (field ``cache`` from 5.24, ``past_key_values`` before)."""
+    names = {field.name for field in dataclasses.fields(outputs)}
+    for name in CACHE_NAMES:
+        if name in names:
+            return getattr(outputs, name)
+    raise TransformersVersionError(f"{type(outputs).__name__} has no cache field under {version_note()}")
+
+
+def warn_if_untested() -> None:
+    """A version outside the tested range may still work; say that it was not proven."""
+    if transformers_version() not in SpecifierSet(SUPPORTED_RANGE):
+        warnings.warn(f"duo attention was not tested with {version_note()}", stacklevel=3)
