@@ -9,6 +9,7 @@ and adds a forward pre-hook on the base model that supplies a `DuoCache` wheneve
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +40,9 @@ class DuoAttentionState:
     sink_size: int
     recent_size: int
     num_attention_heads: int
-    previous_attn_implementation: str
     head_orders: list[np.ndarray] | None = None  # per layer, the KV-head permutation applied to the weights
     cache_arg: str = "past_key_values"  # the name the base model's forward takes the cache under (compat.py)
-    hook: Any = field(repr=False, default=None)
+    installed: InstalledAttention | None = field(repr=False, default=None)
     forward: ForwardFlags = field(default_factory=ForwardFlags, repr=False)  # shared with every layer's spec
     cache_mask: np.ndarray = field(init=False, repr=False)  # the mask in the heads' current order (see below)
 
@@ -171,10 +171,51 @@ def _permute_heads(attn: torch.nn.Module, kv_order: np.ndarray, groups: int) -> 
     weight.copy_(blocks.index_select(1, torch.as_tensor(q_order, device=weight.device)).reshape(weight.shape))
 
 
-def register_duo_attention() -> None:
-    """Make ``attn_implementation="duo_attn"`` known to transformers (idempotent)."""
-    AttentionInterface.register(ATTENTION_NAME, duo_attention_forward)
-    AttentionMaskInterface.register(ATTENTION_NAME, duo_padding_mask)
+class InstalledAttention:
+    """An attention mode installed on a model by `install_attention`; `uninstall` undoes all of it."""
+
+    def __init__(self, model: torch.nn.Module, name: str, attr: str, previous: str, hook: Any):
+        self.model, self.name, self.attr, self.previous_implementation, self.hook = model, name, attr, previous, hook
+
+    def uninstall(self) -> None:
+        if self.hook is not None:
+            self.hook.remove()
+        for layer in decoder_layers(self.model):
+            if hasattr(layer.self_attn, self.attr):
+                delattr(layer.self_attn, self.attr)
+        self.model.set_attn_implementation(self.previous_implementation)
+        del self.model.duo_attention_mode
+
+
+def install_attention(
+    model: torch.nn.Module,
+    name: str,
+    function: Callable,
+    *,
+    attr: str,
+    layer_state: Callable[[int], Any],
+    mask_function: Callable | None = None,
+    pre_hook: Callable | None = None,
+) -> InstalledAttention:
+    """Install one attention mode (inference, training's gated mix, scoring's recorder) the same way for all: register
+    ``function`` (and ``mask_function``) under ``name`` with transformers, attach ``layer_state(layer_index)`` to each
+    attention module as ``attr``, switch the model to ``name``, and add ``pre_hook`` to the base model. One mode at a
+    time: a second install is refused until the first is uninstalled."""
+    current = getattr(model, "duo_attention_mode", None)
+    if current is not None:
+        raise ModelError(f"attention mode {current.name!r} is installed on this model; uninstall it first")
+    layers = decoder_layers(model)
+    AttentionInterface.register(name, function)
+    if mask_function is not None:
+        AttentionMaskInterface.register(name, mask_function)
+    for index, layer in enumerate(layers):
+        setattr(layer.self_attn, attr, layer_state(index))
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    base = getattr(model, "base_model", model)
+    hook = None if pre_hook is None else base.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    model.duo_attention_mode = InstalledAttention(model, name, attr, previous, hook)
+    return model.duo_attention_mode
 
 
 def enable_duo_attention_eval(
@@ -198,6 +239,9 @@ def enable_duo_attention_eval(
     Layers whose projections are not plain linear layers keep their order. Undone by `disable_duo_attention`.
     """
     _check_model(model)
+    mode = getattr(model, "duo_attention_mode", None)
+    if mode is not None and mode.name != ATTENTION_NAME:
+        raise ModelError(f"attention mode {mode.name!r} is installed on this model; uninstall it first")
     cache_arg = cache_argument(getattr(model, "base_model", model))
     warn_if_untested()
     mask, sink, recent = resolve_pattern(
@@ -207,10 +251,8 @@ def enable_duo_attention_eval(
     check_pattern_fits(mask, config.num_hidden_layers, config.num_key_value_heads)
     layers = decoder_layers(model)
 
-    previous = getattr(model, "duo_attention", None)
-    if previous is not None:
+    if getattr(model, "duo_attention", None) is not None:
         disable_duo_attention(model)
-    register_duo_attention()
     head_orders = None
     if reorder_heads and all(
         _can_reorder(layer.self_attn, config.num_attention_heads, config.num_key_value_heads) for layer in layers
@@ -221,38 +263,34 @@ def enable_duo_attention_eval(
         sink,
         recent,
         config.num_attention_heads,
-        previous.previous_attn_implementation if previous else config._attn_implementation,
         head_orders,
         cache_arg,
     )
+    specs = [
+        LayerSpec(HeadLayout.from_mask(row, config.num_attention_heads), sink, recent, state.forward)
+        for row in state.cache_mask
+    ]
+    state.installed = install_attention(
+        model, ATTENTION_NAME, duo_attention_forward, attr="duo_layer_spec", layer_state=specs.__getitem__,
+        mask_function=duo_padding_mask, pre_hook=_prepare_duo_cache(state),
+    )  # fmt: skip
     groups = config.num_attention_heads // config.num_key_value_heads
     for layer, order in zip(layers, head_orders or []):
         _permute_heads(layer.self_attn, order, groups)
-    for layer, row in zip(layers, state.cache_mask):
-        layout = HeadLayout.from_mask(row, config.num_attention_heads)
-        layer.self_attn.duo_layer_spec = LayerSpec(layout, sink, recent, state.forward)
-    model.set_attn_implementation(ATTENTION_NAME)
-    base = getattr(model, "base_model", model)
-    state.hook = base.register_forward_pre_hook(_prepare_duo_cache(state), with_kwargs=True)
     model.duo_attention = state
     return state
 
 
 def disable_duo_attention(model: torch.nn.Module) -> None:
-    """Undo `enable_duo_attention_eval`: original attention implementation, no hook, no layouts."""
+    """Undo `enable_duo_attention_eval`: original head order and attention implementation, no hook, no layouts."""
     state = getattr(model, "duo_attention", None)
     if state is None:
         raise ModelError("duo attention is not enabled on this model")
-    state.hook.remove()
-    layers = decoder_layers(model)
     if state.head_orders is not None:
         groups = state.num_attention_heads // state.retrieval_mask.shape[1]
-        for layer, order in zip(layers, state.head_orders):
+        for layer, order in zip(decoder_layers(model), state.head_orders):
             _permute_heads(layer.self_attn, np.argsort(order), groups)
-    for layer in layers:
-        if hasattr(layer.self_attn, "duo_layer_spec"):
-            del layer.self_attn.duo_layer_spec
-    model.set_attn_implementation(state.previous_attn_implementation)
+    state.installed.uninstall()
     del model.duo_attention
 
 
