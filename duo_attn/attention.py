@@ -1,10 +1,12 @@
-"""The attention function registered with transformers: one function for every supported architecture.
+"""The attention function registered with transformers: one function for every supported architecture, and the
+one place that chooses kernels.
 
-With a `DuoCache` the cache hands over a `DuoKV` (retrieval heads' full cache, streaming heads' sink + recent slots,
-and the masks of the step); without one (``use_cache=False``, or a foreign cache) the same rule is applied to plain
-key/value tensors with explicit masks. Both paths use SDPA, which on CPU and GPU avoids materialising the repeated
-K/V of grouped-query attention (``enable_gqa``); flash-attn, when installed, takes the unmasked CUDA calls, and
-FlexAttention the streaming heads' pre-fill chunks (see kernels.py).
+With a `DuoCache` the cache hands over a `DuoKV` (retrieval heads' keys so far, streaming heads' sink + recent slots,
+and the step's plan) or, while static, a `StaticDuoKV` (whole reserved buffers); without one (``use_cache=False``)
+the same rule is applied to plain key/value tensors with explicit masks. Dense calls use SDPA, which avoids
+materialising the repeated K/V of grouped-query attention (``enable_gqa``); flash-attn, when installed, takes the
+unmasked CUDA calls, FlexAttention the streaming heads' pre-fill chunks, and static steps the decode kernel
+(kernels/). A step's masks are derived once, by the first layer, and shared by the others.
 """
 
 from __future__ import annotations
@@ -14,9 +16,13 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .compat import version_note
 from .errors import DuoCacheError, ModelError
-from .kernels import BlockMask, decode_attention, flash_attention, flex_streaming_attention, sdpa, use_flash_attn
-from .kv_cache import DuoKV, HeadLayout, StaticStep, select_heads
+from .heads import HeadLayout, merge_heads, select_heads
+from .kernels.decode import decode_attention
+from .kernels.dense import flash_attention, sdpa, use_flash_attn
+from .kernels.flex import BlockMask, flex_streaming_attention, streaming_block_mask, use_flex
+from .kv_cache import DuoKV, StaticDuoKV
 from .masks import allowed_keys, positions_from_padding
+from .plan import DuoStep
 
 ATTENTION_NAME = "duo_attn"
 
@@ -24,11 +30,11 @@ ATTENTION_NAME = "duo_attn"
 def duo_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
-    key: torch.Tensor | DuoKV,
-    value: torch.Tensor | DuoKV,
+    key: torch.Tensor | DuoKV | StaticDuoKV,
+    value: torch.Tensor | DuoKV | StaticDuoKV,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: ``query [B, H, Q, D]`` in, ``[B, Q, H, D]`` out (no attention weights)."""
@@ -40,8 +46,10 @@ def duo_attention_forward(
         )
     if kwargs.get("sliding_window") is not None:
         raise ModelError(f"layer {module.layer_idx} asks for a sliding window, which duo attention does not implement")
-    if isinstance(key, DuoKV):
-        out = _attend_cached(query, key, scaling)
+    if isinstance(key, StaticDuoKV):
+        out = _attend_static(query, key, scaling)
+    elif isinstance(key, DuoKV):
+        out = _attend_dynamic(query, key, scaling)
     elif spec.forward.cached or key.shape[2] != query.shape[2]:
         # keys that did not come from the DuoCache the pre-hook planned: some other cache holds this layer's keys
         raise DuoCacheError(
@@ -66,54 +74,66 @@ def duo_padding_mask(
     return attention_mask[:, -kv_length:]
 
 
-def _merge_heads(
-    query: torch.Tensor, layout: HeadLayout, retrieval_out: torch.Tensor | None, streaming_out: torch.Tensor | None
-) -> torch.Tensor:
-    """Put the two head groups' outputs back in the model's head order."""
-    if streaming_out is None:
-        return retrieval_out
-    if retrieval_out is None:
-        return streaming_out
-    if layout.retrieval_first:  # heads reordered at enable time
-        return torch.cat([retrieval_out, streaming_out], dim=1)
-    out = query.new_empty(query.shape)
-    out.index_copy_(1, layout.device_index(layout.query_heads(layout.retrieval_kv), out.device), retrieval_out)
-    out.index_copy_(1, layout.device_index(layout.query_heads(layout.streaming_kv), out.device), streaming_out)
-    return out
+def _retrieval_masks(step: DuoStep) -> tuple[torch.Tensor | None, str | None]:
+    """``(mask, causal)`` for the retrieval heads: an explicit mask once padding was seen; else none, with the causal
+    alignment a chunk needs ("top_left" with nothing cached, "lower_right" after a cache; one token: all keys)."""
+    if "retrieval" not in step.memo:
+        if step.key_pos is not None:
+            step.memo["retrieval"] = allowed_keys(step.query_pos, step.key_pos), None
+        else:
+            causal = None if step.num_new == 1 else "top_left" if step.cached_before == 0 else "lower_right"
+            step.memo["retrieval"] = None, causal
+    return step.memo["retrieval"]
 
 
-def _attend_cached(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> torch.Tensor:
+def _streaming_mask(step: DuoStep, device: torch.device) -> torch.Tensor | BlockMask | None:
+    """The streaming heads' mask: a FlexAttention block mask for long unpadded pre-fill chunks, none when a decode
+    step sees a full window, else the exact dense rule over the slots (and the chunk)."""
+    if "streaming" not in step.memo:
+        padded = step.key_pos is not None
+        cached, num_slots = step.cached_before, step.slot_pos_before.shape[1]
+        if step.concat_streaming and not padded and use_flex(device, step.num_new):
+            mask = streaming_block_mask(
+                step.slot_pos_before[0], cached, step.num_new, step.sink_size, step.recent_size
+            )
+        elif not step.concat_streaming and not padded and cached + 1 >= num_slots:
+            mask = None  # decoding with a full window: every slot is visible
+        else:
+            keys = torch.cat([step.slot_pos_before, step.query_pos], 1) if step.concat_streaming else step.slot_pos_after
+            mask = allowed_keys(step.query_pos, keys, sink_size=step.sink_size, recent_size=step.recent_size)
+        step.memo["streaming"] = mask
+    return step.memo["streaming"]
+
+
+def _attend_dynamic(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> torch.Tensor:
     layout, step = kv.layout, kv.step
     n_q = query.shape[1]
     retrieval_out = streaming_out = None
-    if isinstance(step, StaticStep):
-        return _attend_static(query, kv, step, scaling)
     if layout.retrieval_kv:
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
-        mask = step.retrieval_mask
-        if mask is None and use_flash_attn(q):
-            causal = step.retrieval_causal is not None  # bottom-right alignment covers both causal cases
-            retrieval_out = flash_attention(q, kv.full_keys, kv.full_values, causal, scaling)
+        mask, causal = _retrieval_masks(step)
+        if mask is None and use_flash_attn(q):  # bottom-right alignment covers both causal cases
+            retrieval_out = flash_attention(q, kv.full_keys, kv.full_values, causal is not None, scaling)
         else:
-            if step.retrieval_causal == "lower_right":  # flash attention's alignment for a chunk after a cache
+            if causal == "lower_right":  # flash attention's alignment for a chunk after a cache
                 mask = causal_lower_right(q.shape[2], kv.full_keys.shape[2])
-            is_causal = step.retrieval_causal == "top_left"
-            retrieval_out = sdpa(q, kv.full_keys, kv.full_values, mask, is_causal, scaling)
+            retrieval_out = sdpa(q, kv.full_keys, kv.full_values, mask, causal == "top_left", scaling)
     if layout.streaming_kv:
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
-        if isinstance(step.streaming_mask, BlockMask):
-            streaming_out = flex_streaming_attention(q, kv.streaming_keys, kv.streaming_values, step.streaming_mask, scaling)
-        elif step.streaming_mask is None and use_flash_attn(q):  # decoding with a full window
+        mask = _streaming_mask(step, query.device)
+        if isinstance(mask, BlockMask):
+            streaming_out = flex_streaming_attention(q, kv.streaming_keys, kv.streaming_values, mask, scaling)
+        elif mask is None and use_flash_attn(q):  # decoding with a full window
             streaming_out = flash_attention(q, kv.streaming_keys, kv.streaming_values, False, scaling)
         else:
-            streaming_out = sdpa(q, kv.streaming_keys, kv.streaming_values, step.streaming_mask, False, scaling)
-    return _merge_heads(query, layout, retrieval_out, streaming_out)
+            streaming_out = sdpa(q, kv.streaming_keys, kv.streaming_values, mask, False, scaling)
+    return merge_heads(query, layout, retrieval_out, streaming_out)
 
 
-def _attend_static(query: torch.Tensor, kv: DuoKV, step: StaticStep, scaling: float | None) -> torch.Tensor:
+def _attend_static(query: torch.Tensor, kv: StaticDuoKV, scaling: float | None) -> torch.Tensor:
     """A static decode step: the valid keys of the reserved buffers come from the step's device tensors. With the
     heads reordered, both groups write straight into their slices of one output (no merge)."""
-    layout, n_q = kv.layout, query.shape[1]
+    layout, step, n_q = kv.layout, kv.step, query.shape[1]
     merged = retrieval_out = streaming_out = None
     if layout.retrieval_first:
         merged = query.new_empty(query.shape)
@@ -130,7 +150,7 @@ def _attend_static(query: torch.Tensor, kv: DuoKV, step: StaticStep, scaling: fl
         streaming_out = decode_attention(
             q, kv.streaming_keys, kv.streaming_values, step.num_slots, step.slot_pos, scaling, out=streaming_out
         )
-    return merged if merged is not None else _merge_heads(query, layout, retrieval_out, streaming_out)
+    return merged if merged is not None else merge_heads(query, layout, retrieval_out, streaming_out)
 
 
 def _attend_uncached(
@@ -156,7 +176,7 @@ def _attend_uncached(
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
         k, v = (select_heads(t, layout.streaming_kv, n_kv, layout) for t in (key, value))
         streaming_out = sdpa(q, k, v, mask, False, scaling)
-    return _merge_heads(query, layout, retrieval_out, streaming_out)
+    return merge_heads(query, layout, retrieval_out, streaming_out)
 
 
 class ForwardFlags:

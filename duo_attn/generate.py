@@ -34,14 +34,14 @@ class StaticDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, cache: DuoCache, cuda_graph: bool | None = None):
-        if cache.static is None:
+        if not cache.is_static:
             raise DuoCacheError("StaticDecoder needs a static cache: call cache.make_static(capacity) first")
         self.model, self.cache = model, cache
-        device = cache.static.query_pos.device
+        device = cache.static_step.query_pos.device
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the cache is on {device}")
-        self.input_ids = torch.zeros_like(cache.static.query_pos)
+        self.input_ids = torch.zeros_like(cache.static_step.query_pos)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None
         self.calls = 0

@@ -22,7 +22,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from .attention import ATTENTION_NAME, ForwardFlags, LayerSpec, duo_attention_forward, duo_padding_mask
 from .compat import cache_argument, take_cache, version_note, warn_if_untested
 from .errors import DuoCacheError, ModelError, PatternError
-from .kv_cache import DuoCache, HeadLayout, StaticStep
+from .heads import HeadLayout
+from .kv_cache import DuoCache
 from .masks import check_padding_mask
 from .patterns import check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
 
@@ -329,8 +330,8 @@ def _prepare_duo_cache(state: DuoAttentionState):
                     "this DuoCache was built for another pattern or head order; make it with DuoCache.for_model(model)"
                 )
             step = cache.begin_step(padding_mask, inputs.shape[1], inputs.shape[0], inputs.device)
-            if isinstance(step, StaticStep) and kwargs.get("position_ids") is None:
-                kwargs["position_ids"] = step.query_pos  # a device buffer: a captured step reads the current value
+            if kwargs.get("position_ids") is None and step.position_ids is not None:
+                kwargs["position_ids"] = step.position_ids
         kwargs[state.cache_arg] = cache
         return args, kwargs
 

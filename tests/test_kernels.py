@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from duo_attn import enable_duo_attention_eval
-from duo_attn.kernels import BLOCK, flex_attention, streaming_block_mask
+from duo_attn.kernels.flex import BLOCK, flex_attention, streaming_block_mask
 from duo_attn.masks import allowed_keys
 
 
@@ -83,7 +83,7 @@ def _flash_attn_as_documented(q, k, v, softmax_scale=None, causal=False):
 
 
 def test_flash_attn_backend_is_used_and_exact(monkeypatch):
-    from duo_attn import kernels
+    from duo_attn.kernels import dense as kernels
 
     _flash_attn_as_documented.calls = 0
     monkeypatch.setattr(kernels, "flash_attn_func", _flash_attn_as_documented)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from duo_attn import DuoCache, DuoCacheError, disable_duo_attention, enable_duo_attention_eval
 from duo_attn.generate import StaticDecoder, generate
-from duo_attn.kernels import triton_decode_attention
+from duo_attn.kernels.decode import triton_decode_attention
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 TOL = dict(atol=2e-4, rtol=1e-4)
@@ -131,7 +131,7 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
         _, cache = chunked_logits(model, ids, short, [10])
         with pytest.raises(DuoCacheError, match="sink_size=4 real tokens"):
             cache.make_static(64)
-        assert cache.static is None
+        assert not cache.is_static
         _, cache = chunked_logits(model, ids, torch.ones_like(ids), [10])
         with pytest.raises(DuoCacheError, match="no room"):
             cache.make_static(5)
@@ -151,7 +151,7 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
         assert torch.equal(cache.real_seen, before) and cache.get_seq_length() == 10
         with pytest.raises(ValueError, match="shape"):
             StaticDecoder(model, cache, cuda_graph=False)(ids[:1, :1])
-        cache.capacity = cache.seen  # as if the reserved buffers were used up
+        cache.planner.capacity = cache.seen  # as if the reserved buffers were used up
         with pytest.raises(DuoCacheError, match="full"):
             model(input_ids=ids[:, :1], **cache_kwargs(model, cache))
         cache.make_dynamic()

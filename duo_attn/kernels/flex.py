@@ -1,12 +1,11 @@
-"""The attention kernels behind attention.py: SDPA (no cuDNN), optional flash-attn, FlexAttention block-sparse
-pre-fill for streaming heads, and the static-shape decode call (Triton split-KV on GPUs, see decode_kernel.py).
+"""FlexAttention block-sparse pre-fill for streaming heads.
 
-Streaming pre-fill: a pre-fill chunk of ``C`` queries attends, in a streaming head, to the ``S = sink + recent``
-cached slots and to the chunk itself, but each query reads only sinks and its last ``recent`` keys. Dense masked
-attention would still cost ``O(C * (S + C))``; here the block mask lists, for each 128-query block, only the key
-blocks that hold a sink slot or overlap its window, so the cost is ``O(C * (S + recent + 128))``. The block lists are
-computed arithmetically (never by evaluating the mask over all pairs) once per forward pass and shared by every layer;
-the exact token rule is applied inside the listed blocks by the mask function.
+A pre-fill chunk of ``C`` queries attends, in a streaming head, to the ``S = sink + recent`` cached slots and to the
+chunk itself, but each query reads only sinks and its last ``recent`` keys. Dense masked attention would still cost
+``O(C * (S + C))``; here the block mask lists, for each 128-query block, only the key blocks that hold a sink slot or
+overlap its window, so the cost is ``O(C * (S + recent + 128))``. The block lists are computed arithmetically (never
+by evaluating the mask over all pairs) once per forward pass and shared by every layer; the exact token rule is
+applied inside the listed blocks by the mask function.
 """
 
 from __future__ import annotations
@@ -17,25 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # torch without FlexAttention: dense SDPA is used instead
     BlockMask = flex_attention = None
-
-try:  # optional: used for unmasked attention when it imports
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
-
-try:  # ships with CUDA builds of torch; the static decode step uses its split-KV kernel on GPUs
-    from .decode_kernel import triton_decode_attention
-except ImportError:
-    triton_decode_attention = None
-
-FLASH_DEVICES = ("cuda",)
-FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 BLOCK = 128
 MIN_FLEX_QUERIES = 2 * BLOCK  # below this a dense masked SDPA call is as fast
@@ -65,28 +50,6 @@ class _MaskEntry:
 
 _MASKS: OrderedDict[tuple, _MaskEntry] = OrderedDict()
 _MAX_MASKS = 16
-
-
-def use_flash_attn(query: torch.Tensor) -> bool:
-    """flash-attn serves the unmasked calls (no padding) on half-precision CUDA tensors when it is installed;
-    ``DUO_ATTN_FLASH_ATTN=never`` turns it off."""
-    return (
-        flash_attn_func is not None
-        and os.environ.get("DUO_ATTN_FLASH_ATTN", "auto") != "never"
-        and query.device.type in FLASH_DEVICES
-        and query.dtype in FLASH_DTYPES
-    )
-
-
-def flash_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool, scaling: float | None
-) -> torch.Tensor:
-    """``[B, H, Q, D]`` in and out. flash-attn takes ``[B, Q, H, D]``, reads GQA's shared K/V heads in place, and
-    aligns a causal mask bottom-right, which is exactly a chunk that follows a cache."""
-    out = flash_attn_func(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), softmax_scale=scaling, causal=causal
-    )
-    return out.transpose(1, 2)
 
 
 def streaming_block_mask(
@@ -185,46 +148,3 @@ def flex_streaming_attention(
         part = fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1)
         out[:, first * groups : (first + count) * groups] = part[:, : count * groups]
     return out
-
-
-def decode_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    length: torch.Tensor,
-    key_pos: torch.Tensor | None,
-    scaling: float | None,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One query token per sequence over a reserved buffer whose valid keys are ``index < length`` (a device tensor)
-    and, with ``key_pos``, ``key_pos >= 0``. Static shapes and no host synchronisation: safe in a CUDA graph.
-
-    CUDA + Triton: the split-KV kernel of decode_kernel.py, reading only valid keys; otherwise a masked SDPA call
-    over the whole buffer. ``DUO_ATTN_TRITON=never`` forces the SDPA path. ``out``: where to write (may be a view).
-    """
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if (
-        triton_decode_attention is not None
-        and query.device.type == "cuda"
-        and os.environ.get("DUO_ATTN_TRITON", "auto") != "never"
-    ):
-        return triton_decode_attention(query, key, value, length, key_pos, scale, out)
-    valid = torch.arange(key.shape[2], device=key.device) < length
-    valid = valid[None] if key_pos is None else valid & (key_pos >= 0)
-    result = sdpa(query, key, value, valid[:, None, None, :], False, scale)
-    return result if out is None else out.copy_(result)
-
-
-def sdpa(q, k, v, mask, is_causal: bool, scaling: float | None) -> torch.Tensor:
-    """SDPA with GQA read in place (``enable_gqa``) and without the cuDNN backend: cuDNN builds an execution plan per
-    new shape, and while decoding every step is a new key length (measured on an H100, torch 2.11: 2-10 ms of CPU
-    time per call). The flag is flipped directly: the ``sdpa_kernel`` context manager showed up in a profile of the
-    eager decode step on that machine's slow host (it runs twice per layer and step)."""
-    kwargs = {"attn_mask": mask, "is_causal": is_causal, "scale": scaling, "enable_gqa": q.shape[1] != k.shape[1]}
-    if q.device.type != "cuda" or not torch.backends.cuda.cudnn_sdp_enabled():
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    torch.backends.cuda.enable_cudnn_sdp(False)
-    try:
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(True)

@@ -1,0 +1,85 @@
+"""Head geometry: which KV heads of a layer are retrieval heads, which query heads read them, and moving tensors
+between the model's head order and the two head groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    """Which KV heads of one layer are retrieval heads, and which query heads read them (GQA groups)."""
+
+    retrieval_kv: tuple[int, ...]
+    streaming_kv: tuple[int, ...]
+    num_kv_heads: int
+    groups: int
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)  # derived values, computed once
+
+    @classmethod
+    def from_mask(cls, retrieval_row: np.ndarray, num_q_heads: int) -> HeadLayout:
+        row = np.asarray(retrieval_row, dtype=bool)
+        num_kv = row.size
+        if num_q_heads % num_kv:
+            raise ValueError(f"{num_q_heads} query heads are not a multiple of {num_kv} KV heads")
+        return cls(
+            tuple(int(h) for h in np.flatnonzero(row)),
+            tuple(int(h) for h in np.flatnonzero(~row)),
+            num_kv,
+            num_q_heads // num_kv,
+        )
+
+    @property
+    def retrieval_first(self) -> bool:
+        """Retrieval heads are the first heads of the layer (the order `enable_duo_attention_eval` gives them)."""
+        if "retrieval_first" not in self._memo:
+            self._memo["retrieval_first"] = self.retrieval_kv == tuple(range(len(self.retrieval_kv)))
+        return self._memo["retrieval_first"]
+
+    def query_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
+        key = ("query", kv_heads)
+        if key not in self._memo:
+            self._memo[key] = tuple(h * self.groups + g for h in kv_heads for g in range(self.groups))
+        return self._memo[key]
+
+    def device_index(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The head list as an index tensor on ``device``, made once (no host-to-device copy per step)."""
+        key = ("index", heads, device)
+        if key not in self._memo:
+            self._memo[key] = torch.tensor(heads, dtype=torch.long, device=device)
+        return self._memo[key]
+
+    def head_slice(self, heads: tuple[int, ...], total: int) -> slice | None:
+        """``heads`` as a slice of ``total`` heads when they are one contiguous run, else None."""
+        key = ("slice", heads, total)
+        if key not in self._memo:
+            contiguous = heads == tuple(range(heads[0], heads[0] + len(heads)))
+            self._memo[key] = slice(heads[0], heads[0] + len(heads)) if contiguous else None
+        return self._memo[key]
+
+
+def select_heads(x: torch.Tensor, heads: tuple[int, ...], total: int, layout: HeadLayout) -> torch.Tensor:
+    """``x[:, heads]``: the tensor itself, a view when the heads are one contiguous run, else a gather."""
+    if len(heads) == total:
+        return x
+    part = layout.head_slice(heads, total)
+    return x[:, part] if part is not None else x.index_select(1, layout.device_index(heads, x.device))
+
+
+def merge_heads(
+    query: torch.Tensor, layout: HeadLayout, retrieval_out: torch.Tensor | None, streaming_out: torch.Tensor | None
+) -> torch.Tensor:
+    """Put the two head groups' outputs ``[B, H_group, Q, D]`` back in the model's head order."""
+    if streaming_out is None:
+        return retrieval_out
+    if retrieval_out is None:
+        return streaming_out
+    if layout.retrieval_first:  # heads reordered at enable time
+        return torch.cat([retrieval_out, streaming_out], dim=1)
+    out = query.new_empty(query.shape)
+    out.index_copy_(1, layout.device_index(layout.query_heads(layout.retrieval_kv), out.device), retrieval_out)
+    out.index_copy_(1, layout.device_index(layout.query_heads(layout.streaming_kv), out.device), streaming_out)
+    return out
