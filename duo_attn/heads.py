@@ -1,5 +1,5 @@
-"""Head geometry: which KV heads of a layer are retrieval heads, which query heads read them, and moving tensors
-between the model's head order and the two head groups."""
+"""Head geometry: which KV heads of a layer are retrieval heads, which query heads read them, moving tensors between
+the model's head order and the two head groups, and permuting a layer's projection weights by head."""
 
 from __future__ import annotations
 
@@ -83,3 +83,37 @@ def merge_heads(
     out.index_copy_(1, layout.device_index(layout.query_heads(layout.retrieval_kv), out.device), retrieval_out)
     out.index_copy_(1, layout.device_index(layout.query_heads(layout.streaming_kv), out.device), streaming_out)
     return out
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def can_permute_heads(attn: torch.nn.Module, num_q: int, num_kv: int) -> bool:
+    """Plain linear projections of the expected shapes (not quantized or sharded ones) can be permuted."""
+    head_dim = getattr(attn, "head_dim", None)
+    mods = [getattr(attn, name, None) for name in PROJECTIONS]
+    if head_dim is None or any(not isinstance(m, torch.nn.Linear) for m in mods):
+        return False
+    q, k, v, o = mods
+    return (
+        q.out_features == num_q * head_dim and k.out_features == v.out_features == num_kv * head_dim
+        and o.in_features == num_q * head_dim
+        and all(m.weight.is_floating_point() and m.weight.device.type != "meta" for m in mods)  # not offloaded
+    )
+
+
+@torch.no_grad()
+def permute_heads(attn: torch.nn.Module, kv_order: np.ndarray, groups: int) -> None:
+    """Permute the KV heads (and their query groups) of one attention module: rows of q/k/v, columns of o."""
+    head_dim = attn.head_dim
+    q_order = (kv_order[:, None] * groups + np.arange(groups)).reshape(-1)
+    for name, order in (("q_proj", q_order), ("k_proj", kv_order), ("v_proj", kv_order)):
+        proj = getattr(attn, name)
+        index = torch.as_tensor(order, device=proj.weight.device)
+        for param in (proj.weight, proj.bias):
+            if param is not None:
+                blocks = param.view(len(order), head_dim, *param.shape[1:])
+                param.copy_(blocks.index_select(0, index).reshape(param.shape))
+    weight = attn.o_proj.weight
+    blocks = weight.view(weight.shape[0], len(q_order), head_dim)
+    weight.copy_(blocks.index_select(1, torch.as_tensor(q_order, device=weight.device)).reshape(weight.shape))

@@ -22,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from .attention import ATTENTION_NAME, ForwardFlags, LayerSpec, duo_attention_forward, duo_padding_mask
 from .compat import cache_argument, take_cache, version_note, warn_if_untested
 from .errors import DuoCacheError, ModelError, PatternError
-from .heads import HeadLayout
+from .heads import HeadLayout, can_permute_heads, permute_heads
 from .kv_cache import DuoCache
 from .masks import check_padding_mask
 from .patterns import check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
@@ -138,40 +138,6 @@ def _check_model(model: torch.nn.Module) -> None:
         )
 
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def _can_reorder(attn: torch.nn.Module, num_q: int, num_kv: int) -> bool:
-    """Plain linear projections of the expected shapes (not quantized or sharded ones) can be permuted."""
-    head_dim = getattr(attn, "head_dim", None)
-    mods = [getattr(attn, name, None) for name in PROJECTIONS]
-    if head_dim is None or any(not isinstance(m, torch.nn.Linear) for m in mods):
-        return False
-    q, k, v, o = mods
-    return (
-        q.out_features == num_q * head_dim and k.out_features == v.out_features == num_kv * head_dim
-        and o.in_features == num_q * head_dim
-        and all(m.weight.is_floating_point() and m.weight.device.type != "meta" for m in mods)  # not offloaded
-    )
-
-
-@torch.no_grad()
-def _permute_heads(attn: torch.nn.Module, kv_order: np.ndarray, groups: int) -> None:
-    """Permute the KV heads (and their query groups) of one attention module: rows of q/k/v, columns of o."""
-    head_dim = attn.head_dim
-    q_order = (kv_order[:, None] * groups + np.arange(groups)).reshape(-1)
-    for name, order in (("q_proj", q_order), ("k_proj", kv_order), ("v_proj", kv_order)):
-        proj = getattr(attn, name)
-        index = torch.as_tensor(order, device=proj.weight.device)
-        for param in (proj.weight, proj.bias):
-            if param is not None:
-                blocks = param.view(len(order), head_dim, *param.shape[1:])
-                param.copy_(blocks.index_select(0, index).reshape(param.shape))
-    weight = attn.o_proj.weight
-    blocks = weight.view(weight.shape[0], len(q_order), head_dim)
-    weight.copy_(blocks.index_select(1, torch.as_tensor(q_order, device=weight.device)).reshape(weight.shape))
-
-
 class InstalledAttention:
     """An attention mode installed on a model by `install_attention`; `uninstall` undoes all of it."""
 
@@ -256,7 +222,7 @@ def enable_duo_attention_eval(
         disable_duo_attention(model)
     head_orders = None
     if reorder_heads and all(
-        _can_reorder(layer.self_attn, config.num_attention_heads, config.num_key_value_heads) for layer in layers
+        can_permute_heads(layer.self_attn, config.num_attention_heads, config.num_key_value_heads) for layer in layers
     ):
         head_orders = [np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)]) for row in mask]
     state = DuoAttentionState(
@@ -277,7 +243,7 @@ def enable_duo_attention_eval(
     )  # fmt: skip
     groups = config.num_attention_heads // config.num_key_value_heads
     for layer, order in zip(layers, head_orders or []):
-        _permute_heads(layer.self_attn, order, groups)
+        permute_heads(layer.self_attn, order, groups)
     model.duo_attention = state
     return state
 
@@ -290,7 +256,7 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
     if state.head_orders is not None:
         groups = state.num_attention_heads // state.retrieval_mask.shape[1]
         for layer, order in zip(decoder_layers(model), state.head_orders):
-            _permute_heads(layer.self_attn, np.argsort(order), groups)
+            permute_heads(layer.self_attn, np.argsort(order), groups)
     state.installed.uninstall()
     del model.duo_attention
 
