@@ -16,7 +16,6 @@ from typing import Any
 
 from .data import encode_haystack, load_haystack
 from .eval.niah import (
-    DTYPES,
     HAYSTACK_CHARS_PER_TOKEN,
     build_methods,
     normalize_whitespace,
@@ -24,18 +23,8 @@ from .eval.niah import (
     window_sizes,
 )
 from .eval.passkey_grid import passkey_cells
-from .models import SMOLLM2, load_model
-from .patterns import GATES_FILE
-
-SHIPPED_PATTERNS = Path(__file__).resolve().parent.parent / "attn_patterns" / "SmolLM2-135M-Instruct"
-
-
-def default_pattern(root: Path) -> Path | None:
-    """The first directory (sorted, searched recursively) under ``root`` that holds a gate table, if any."""
-    if not root.is_dir():
-        return None
-    found = sorted(path.parent for path in root.rglob(GATES_FILE))
-    return found[0] if found else None
+from .models import DTYPES, SMOLLM2, load_model, resolve_dtype
+from .patterns import GATES_FILE, SHIPPED_PATTERNS, default_pattern
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -82,8 +71,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--sparsity must lie in [0, 1]")
 
     started = time.perf_counter()
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     haystack = load_haystack(None, max_chars=HAYSTACK_CHARS_PER_TOKEN * args.context_length)
     cells = passkey_cells(
         tokenizer, encode_haystack(tokenizer, haystack), [args.context_length], args.depths, keys_per_cell=1,

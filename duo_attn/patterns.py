@@ -2,7 +2,7 @@
 
 A pattern directory holds ``full_attention_heads.tsv`` (rows = layers, columns = KV heads, one gate per head, tab
 separated) and ``config.json`` (at least ``sink_size`` and ``recent_size``). This is the format the DuoAttention
-authors published, read here unchanged.
+authors published, read here unchanged. The patterns shipped with the repository live under `SHIPPED_PATTERNS`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from .errors import PatternError
 
 GATES_FILE = "full_attention_heads.tsv"
 CONFIG_FILE = "config.json"
+# The repository's attn_patterns/ directory: <model name>/<setting>/ pattern directories (README, "Shipped patterns").
+SHIPPED_PATTERNS = Path(__file__).resolve().parent.parent / "attn_patterns"
 
 # Published gates were stored in bf16 and clamped before the optimiser step, so values a little outside [0, 1]
 # occur (down to about -1.4e-3 in the authors' files). Larger excursions mean the file is not a gate table.
@@ -94,6 +96,14 @@ def _window_sizes(config: dict[str, Any], source: Path) -> tuple[int, int]:
     if sizes[0] + sizes[1] == 0:
         raise PatternError(f"{source}: sink_size + recent_size must be positive")
     return sizes[0], sizes[1]
+
+
+def default_pattern(root: Path = SHIPPED_PATTERNS) -> Path | None:
+    """The first directory (sorted, searched recursively) under ``root`` that holds a gate table, if any."""
+    if not root.is_dir():
+        return None
+    found = sorted(path.parent for path in root.rglob(GATES_FILE))
+    return found[0] if found else None
 
 
 def save_attn_pattern(

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import AttentionInterface, PreTrainedModel
 
 from .masks import allowed_keys
-from .patch import decoder_layers
+from .models import decoder_layers
 from .patterns import save_attn_pattern
 from .train import (
     HEATMAP_FILE,

@@ -31,8 +31,7 @@ from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenize
 
 from .data import IGNORE_INDEX, PasskeyDataset, encode_haystack, load_haystack
 from .masks import allowed_keys
-from .models import SMOLLM2, load_model, load_tokenizer, tiny_model
-from .patch import decoder_layers
+from .models import SMOLLM2, decoder_layers, load_model, load_tokenizer, resolve_device, resolve_dtype, tiny_model
 from .patterns import atomic_path, atomic_write_text, save_attn_pattern
 
 TRAIN_ATTENTION = "duo_attn_train"
@@ -57,23 +56,6 @@ def supervised_query_mask(labels: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[..., :-1] = labels[..., 1:] != IGNORE_INDEX
     return mask
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on GPU (the model is frozen, so low precision costs nothing to learn) and fp32 on CPU."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in choices:
-        raise ValueError(f"dtype must be auto or one of {sorted(choices)}, got {name!r}")
-    return choices[name]
 
 
 def load_model_and_tokenizer(

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..models import DTYPES, resolve_dtype
 from ..patterns import atomic_write_text
 from .metrics import base_task, score_task, score_task_by_length
 
@@ -376,9 +377,6 @@ def format_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
 def _parse_tasks(value: str) -> list[str]:
     if value == "all":
         return list(LONGBENCH_TASKS)
@@ -407,7 +405,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     pred.add_argument("--limit", type=int, help="only the first N samples of each task")
     pred.add_argument("--chunk-size", type=int, help="prefill the prompt in chunks of this many tokens")
-    pred.add_argument("--dtype", choices=sorted(_DTYPES), help="default: bfloat16 on CUDA, float32 otherwise")
+    pred.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 otherwise")
     pred.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     pred.add_argument("--pattern", help="DuoAttention pattern directory; enables the duo KV cache")
     pred.add_argument(
@@ -432,8 +430,7 @@ def _run_predict(args: argparse.Namespace) -> None:
     tasks = _parse_tasks(args.tasks)
     from duo_attn.models import load_model
 
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    model, tokenizer = load_model(args.model, dtype=_DTYPES[dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     if args.pattern is not None:
         from duo_attn.patch import enable_duo_attention_eval
 

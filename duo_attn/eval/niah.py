@@ -33,12 +33,11 @@ from transformers.cache_utils import Cache
 from ..compat import cache_kwargs
 from ..data import NeedlePrompt, build_needle_prompt, encode_haystack, load_haystack
 from ..kv_cache import DuoCache
-from ..models import SMOLLM2, load_model
+from ..models import DTYPES, SMOLLM2, load_model, resolve_dtype
 from ..patch import disable_duo_attention, enable_duo_attention_eval
 from ..patterns import PatternError, load_attn_pattern, sparsify_attention_heads
 
 DEFAULT_SINK_SIZE, DEFAULT_RECENT_SIZE = 64, 256  # streaming window when neither flags nor a pattern say otherwise
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHOD_KINDS: tuple[str, ...] = ("full", "duo", "baseline", "random", "streaming")
 HAYSTACK_CHARS_PER_TOKEN = 16  # read this many haystack characters per context token: plenty, never the whole corpus
 
@@ -534,8 +533,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[
 
 def load_for_eval(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[int]]:
     """Model, tokenizer and the tokenized haystack, from the common flags."""
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    model, tokenizer = load_model(args.model, dtype=DTYPES[dtype], device=args.device)
+    model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     text = load_haystack(args.haystack, max_chars=HAYSTACK_CHARS_PER_TOKEN * max(args.contexts))
     return model, tokenizer, encode_haystack(tokenizer, text)
 

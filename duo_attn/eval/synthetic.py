@@ -364,10 +364,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import json
     from pathlib import Path
 
-    import torch
-
     from ..data import load_haystack
-    from ..models import load_model
+    from ..models import DTYPES, load_model
     from .niah import build_methods, window_sizes
 
     parser = argparse.ArgumentParser(
@@ -379,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--model", default="smollm2", help="'smollm2' (offline) or a local model directory")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
-    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"], help="model dtype")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     parser.add_argument("--pattern", help="pattern directory for the 'duo' method (and the default window sizes)")
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.5, 0.75],
                         help="fractions of KV heads made streaming, one 'duo' method each")  # fmt: skip
@@ -400,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if "duo" in kinds and not args.pattern:
         parser.error("method 'duo' needs --pattern")
 
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     sink, recent = window_sizes(args.pattern, args.sink, args.recent)
     methods = build_methods(
         model.config, kinds, sparsities=args.sparsities, sink_size=sink, recent_size=recent, pattern=args.pattern
