@@ -7,8 +7,8 @@ import sys
 
 COMMANDS = {
     "demo": ("duo_attn.demo", "passkey demo on SmolLM2: full attention vs DuoAttention"),
-    "train": ("duo_attn.train", "learn retrieval-head gates by distillation on synthetic passkeys"),
-    "score": ("duo_attn.scoring", "training-free head scores from attention mass outside sink + window"),
+    "train": ("duo_attn.learn.train", "learn retrieval-head gates by distillation on synthetic passkeys"),
+    "score": ("duo_attn.learn.scoring", "training-free head scores from attention mass outside sink + window"),
     "niah": ("duo_attn.eval.niah", "needle-in-a-haystack grid"),
     "passkey-grid": ("duo_attn.eval.passkey_grid", "held-out multi-method passkey grid"),
     "synthetic": ("duo_attn.eval.synthetic", "offline RULER-style synthetic suite under several methods"),

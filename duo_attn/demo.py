@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .data import encode_haystack, load_haystack
+from .learn.data import encode_haystack, load_haystack
 from .eval.niah import (
     HAYSTACK_CHARS_PER_TOKEN,
     build_methods,
@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if pattern is None:
         parser.error(
             f"no attention pattern found under {SHIPPED_PATTERNS}: pass --pattern DIR (a directory with "
-            f"{GATES_FILE} and config.json, e.g. one written by duo_attn.train or duo_attn.scoring)"
+            f"{GATES_FILE} and config.json, e.g. one written by duo_attn.learn.train or duo_attn.learn.scoring)"
         )
     if not 0.0 <= args.sparsity <= 1.0:
         parser.error("--sparsity must lie in [0, 1]")

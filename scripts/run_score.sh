@@ -5,6 +5,6 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${PYTHON:-python3}" -m duo_attn.scoring \
+exec "${PYTHON:-python3}" -m duo_attn.learn.scoring \
     --sink-size 64 --recent-size 256 --num-samples 4 --num-passkeys 10 \
     "$@"

@@ -6,7 +6,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PYTHONPATH="${REPO}${PYTHONPATH:+:${PYTHONPATH}}"
-exec "${PYTHON:-python3}" -m duo_attn.train \
+exec "${PYTHON:-python3}" -m duo_attn.learn.train \
     --lr 0.02 --reg-weight 0.05 --num-steps 2000 --warmup-ratio 0.1 \
     --sink-size 64 --recent-size 256 --num-passkeys 10 \
     "$@"

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from duo_attn.data import (
+from duo_attn.learn.data import (
     IGNORE_INDEX,
     PasskeyDataset,
     build_needle_prompt,

@@ -14,7 +14,7 @@ from helpers import requires_smollm2
 from duo_attn.models import tiny_model
 from duo_attn.patch import enable_duo_attention_eval
 from duo_attn.patterns import load_attn_pattern
-from duo_attn.scoring import (
+from duo_attn.learn.scoring import (
     RAW_SCORES_FILE,
     ScoreConfig,
     attach_recorder,
@@ -23,7 +23,7 @@ from duo_attn.scoring import (
     score_heads,
     tail_attention_probs,
 )
-from duo_attn.train import HEATMAP_FILE
+from duo_attn.learn.run import HEATMAP_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -81,6 +81,9 @@ def test_recording_does_not_change_the_forward_pass() -> None:
     torch.testing.assert_close(recorded, reference, rtol=1e-5, atol=1e-5)
     scores = recorder.scores()
     assert scores.shape == (2, 2) and (scores > 0).all() and (scores <= 1).all()
+    recorder.installed.uninstall()
+    assert not hasattr(model.model.layers[0].self_attn, "duo_score_recorder")
+    enable_duo_attention_eval(model, np.ones((2, 2)), sink_size=2, recent_size=4)  # no mode left installed
 
 
 def test_normalise_refuses_contexts_inside_the_window() -> None:

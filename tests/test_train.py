@@ -13,21 +13,19 @@ import torch
 from helpers import requires_smollm2
 from torch import nn
 
-import duo_attn.train as train_module
-from duo_attn.models import tiny_model
+import duo_attn.learn.train as train_module
+from duo_attn.models import decoder_layers, tiny_model
 from duo_attn.patch import disable_duo_attention, enable_duo_attention_eval
 from duo_attn.patterns import load_attn_pattern
-from duo_attn.train import (
-    CHECKPOINT_FILE,
-    HEATMAP_FILE,
+from duo_attn.learn.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from duo_attn.learn.run import HEATMAP_FILE, supervised_query_mask
+from duo_attn.learn.train import (
     TrainConfig,
     _lr_factor,
     attach_gates,
     distillation_loss,
     enable_activation_checkpointing,
     gated_loss,
-    load_checkpoint,
-    supervised_query_mask,
     train,
 )
 
@@ -95,6 +93,20 @@ def test_binary_gates_match_the_inference_path(arch: str) -> None:
             mixed = trained(input_ids, use_cache=False).logits
         disable_duo_attention(reference_model)
         torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_uninstalling_the_gates_restores_the_model() -> None:
+    model = tiny_model("qwen3")
+    input_ids, _ = _inputs()
+    with torch.no_grad():
+        reference = model(input_ids).logits
+        attach_gates(model, _gates(model, 1.0), SINK, RECENT)
+        state = attach_gates(model, _gates(model, 0.0), SINK, RECENT)  # replaces the first gates
+        state.installed.uninstall()
+        torch.testing.assert_close(model(input_ids).logits, reference)
+    assert model.config._attn_implementation != train_module.TRAIN_ATTENTION
+    assert not any(hasattr(layer.self_attn, "duo_gate_state") for layer in decoder_layers(model))
+    enable_duo_attention_eval(model, np.ones((2, 2)), sink_size=SINK, recent_size=RECENT)  # no mode left installed
 
 
 def test_gradients_reach_only_the_gates() -> None:

@@ -31,7 +31,7 @@ from transformers import DynamicCache, PreTrainedConfig, PreTrainedModel, PreTra
 from transformers.cache_utils import Cache
 
 from ..compat import cache_kwargs
-from ..data import NeedlePrompt, build_needle_prompt, encode_haystack, load_haystack
+from ..learn.data import NeedlePrompt, build_needle_prompt, encode_haystack, load_haystack
 from ..kv_cache import DuoCache
 from ..models import DTYPES, SMOLLM2, load_model, resolve_dtype
 from ..patch import disable_duo_attention, enable_duo_attention_eval

@@ -23,7 +23,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from ..data import NeedlePrompt, build_needle_prompt
+from ..learn.data import NeedlePrompt, build_needle_prompt
 from .niah import (
     GridCell,
     add_common_arguments,

@@ -364,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import json
     from pathlib import Path
 
-    from ..data import load_haystack
+    from ..learn.data import load_haystack
     from ..models import DTYPES, load_model
     from .niah import build_methods, window_sizes
 

@@ -4,7 +4,8 @@ A head whose answer-producing queries read far-away context (beyond the attentio
 would lose that information as a streaming head, so it should keep full attention. The score of a KV head is the
 attention mass its query heads put on such keys, averaged over the GQA group, the supervised (answer) queries and
 the samples, then divided by the largest score so the table lies in [0, 1] like learned gates. Only the answer
-queries' attention rows are formed, never the full ``L x L`` probabilities. Run ``python -m duo_attn.scoring --help``.
+queries' attention rows are formed, never the full ``L x L`` probabilities.
+Run ``python -m duo_attn.learn.scoring --help``.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, PreTrainedModel
+from transformers import PreTrainedModel
 
-from .masks import allowed_keys
-from .models import decoder_layers
-from .patterns import save_attn_pattern
-from .train import (
+from ..masks import allowed_keys
+from ..patch import InstalledAttention
+from ..patterns import save_attn_pattern
+from .run import (
     HEATMAP_FILE,
     PasskeyRunConfig,
     add_passkey_run_flags,
+    install_shared_attention,
     run_provenance,
     save_gate_heatmap,
     supervised_query_mask,
@@ -73,6 +75,7 @@ class ScoreRecorder:
         self.sums = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64)
         self.counts = torch.zeros(num_layers, 1, dtype=torch.float64)
         self.query_positions: torch.Tensor | None = None
+        self.installed: InstalledAttention | None = None  # set by `attach_recorder`; `installed.uninstall()` undoes it
 
     def add(self, layer: int, query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> None:
         """Score one layer's attention for the current sample's answer queries."""
@@ -95,8 +98,8 @@ def scoring_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: ordinary causal attention that also records the answer queries' far mass."""
@@ -111,13 +114,13 @@ def scoring_attention_forward(
 
 
 def attach_recorder(model: PreTrainedModel, sink_size: int, recent_size: int) -> ScoreRecorder:
-    """Switch ``model`` to the recording attention; returns the recorder to read scores from."""
+    """Switch ``model`` to the recording attention; returns the recorder to read scores from, whose
+    ``installed.uninstall()`` restores the model's own attention."""
     config = model.config
     recorder = ScoreRecorder(config.num_hidden_layers, config.num_key_value_heads, sink_size, recent_size)
-    AttentionInterface.register(SCORE_ATTENTION, scoring_attention_forward)
-    for layer in decoder_layers(model):
-        layer.self_attn.duo_score_recorder = recorder
-    model.set_attn_implementation(SCORE_ATTENTION)
+    recorder.installed = install_shared_attention(
+        model, SCORE_ATTENTION, scoring_attention_forward, "duo_score_recorder", recorder
+    )
     return recorder
 
 
@@ -149,21 +152,24 @@ def score_heads(config: ScoreConfig) -> Path:
         raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
     started = time.perf_counter()
     model, tokenizer, device, dtype = config.load_model()
-    recorder = attach_recorder(model, config.sink_size, config.recent_size)
     dataset = config.passkey_dataset(tokenizer, config.num_samples)
+    recorder = attach_recorder(model, config.sink_size, config.recent_size)
     tokens = 0
-    for index in tqdm(range(len(dataset)), desc="scoring heads", dynamic_ncols=True, file=sys.stderr):
-        sample = dataset[index]
-        recorder.query_positions = supervised_query_mask(sample.labels).nonzero()[:, 0].to(device)
-        model.base_model(input_ids=sample.input_ids[None].to(device), use_cache=False)
-        tokens += len(sample.input_ids)
+    try:
+        for index in tqdm(range(len(dataset)), desc="scoring heads", dynamic_ncols=True, file=sys.stderr):
+            sample = dataset[index]
+            recorder.query_positions = supervised_query_mask(sample.labels).nonzero()[:, 0].to(device)
+            model.base_model(input_ids=sample.input_ids[None].to(device), use_cache=False)
+            tokens += len(sample.input_ids)
+    finally:
+        recorder.installed.uninstall()
     raw = recorder.scores()
     scores = normalise_scores(raw)
 
     out = config.pattern_dir()
     info = {
         **dataclasses.asdict(config),
-        "method": "duo_attn.scoring (far attention mass of answer queries, divided by the max)",
+        "method": "duo_attn.learn.scoring (far attention mass of answer queries, divided by the max)",
         "raw_score_max": float(raw.max()),
         "raw_score_mean": float(raw.mean()),
         **run_provenance(model, device, dtype),

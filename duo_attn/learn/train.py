@@ -3,7 +3,7 @@
 Each (layer, KV head) gets a gate ``a`` in [0, 1]; its query heads output ``a * full + (1 - a) * streaming``
 attention. The frozen model's own full-attention hidden states are the teacher: the gates are trained to keep the
 final hidden states of the passkey answers unchanged while an L1 penalty pushes every gate towards 0 (streaming).
-Heads whose gates stay high are the retrieval heads. Run ``python -m duo_attn.train --help``.
+Heads whose gates stay high are the retrieval heads. Run ``python -m duo_attn.learn.train --help``.
 """
 
 from __future__ import annotations
@@ -11,110 +11,40 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import transformers
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
-from .data import IGNORE_INDEX, PasskeyDataset, encode_haystack, load_haystack
-from .masks import allowed_keys
-from .models import SMOLLM2, decoder_layers, load_model, load_tokenizer, resolve_device, resolve_dtype, tiny_model
-from .patterns import atomic_path, atomic_write_text, save_attn_pattern
+from ..masks import allowed_keys
+from ..patch import InstalledAttention
+from ..patterns import atomic_write_text, save_attn_pattern
+from .checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import PasskeyDataset
+from .run import (
+    HEATMAP_FILE,
+    PasskeyRunConfig,
+    add_passkey_run_flags,
+    install_shared_attention,
+    run_provenance,
+    save_gate_heatmap,
+    supervised_query_mask,
+)
 
 TRAIN_ATTENTION = "duo_attn_train"
-CHECKPOINT_FILE = "checkpoint.pt"
-HEATMAP_FILE = "gates.png"
 LOG_FILE = "train_log.jsonl"
-TINY_PREFIX = "tiny-"
-_CHECKPOINT_VERSION = 1
 # Settings that only steer a run (where it writes, when it stops); everything else must match on --resume.
 _RUN_CONTROL = ("output_dir", "resume", "checkpoint_every", "stop_after_steps", "max_minutes")
-
-
-# ----------------------------------------------------------------------------- shared helpers
-
-
-def supervised_query_mask(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose next-token prediction is supervised (``labels[p + 1] != -100``), as the LM loss shifts.
-
-    These are the queries that must produce the answers; their hidden states are what distillation compares and
-    their attention is what the scorer measures.
-    """
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[..., :-1] = labels[..., 1:] != IGNORE_INDEX
-    return mask
-
-
-def load_model_and_tokenizer(
-    name: str, device: torch.device, dtype: torch.dtype, tokenizer_name: str = SMOLLM2, seed: int = 0
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """``smollm2``, a local model directory, or ``tiny-<arch>`` (a random tiny model using ``tokenizer_name``'s
-    vocabulary, for smoke tests of the whole pipeline)."""
-    if name.startswith(TINY_PREFIX):
-        tokenizer = load_tokenizer(tokenizer_name)
-        model = tiny_model(name[len(TINY_PREFIX) :], seed=seed, vocab_size=len(tokenizer))
-        return model.to(device=device, dtype=dtype), tokenizer
-    return load_model(name, dtype=dtype, device=device)
-
-
-def device_description(device: torch.device) -> str:
-    """What ran the job, for config.json."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
-
-
-def run_provenance(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """The model, hardware and library versions behind a pattern, for its config.json."""
-    return {
-        "model_type": model.config.model_type,
-        "num_layers": model.config.num_hidden_layers,
-        "num_kv_heads": model.config.num_key_value_heads,
-        "num_attention_heads": model.config.num_attention_heads,
-        "resolved_device": str(device),
-        "resolved_dtype": str(dtype).removeprefix("torch."),
-        "device_name": device_description(device),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-    }
-
-
-def save_gate_heatmap(gates: np.ndarray, path: str | os.PathLike, title: str) -> Path:
-    """Layers x KV heads picture of a gate or score table; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    gates = np.asarray(gates, dtype=np.float64)
-    layers, heads = gates.shape
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * heads + 2.0), max(3.0, 0.22 * layers + 1.5)))
-    image = ax.imshow(gates, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(heads))
-    ax.set_title(title, fontsize=9)
-    fig.colorbar(image, ax=ax, label="gate (1 = retrieval head)")
-    fig.tight_layout()
-    try:
-        with atomic_path(path, suffix=".png") as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        plt.close(fig)
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------- mixed attention
@@ -127,6 +57,7 @@ class GateState:
     def __init__(self, gates: nn.Parameter, sink_size: int, recent_size: int):
         self.gates, self.sink_size, self.recent_size = gates, sink_size, recent_size
         self.teacher = False
+        self.installed: InstalledAttention | None = None  # set by `attach_gates`; `installed.uninstall()` undoes it
         self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def streaming_mask(self, length: int, device: torch.device) -> torch.Tensor:
@@ -153,8 +84,8 @@ def mixed_attention_forward(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
     dropout: float = 0.0,
+    scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface for training: per KV head ``a * causal + (1 - a) * streaming`` attention.
@@ -176,18 +107,16 @@ def mixed_attention_forward(
 
 
 def attach_gates(model: PreTrainedModel, gates: nn.Parameter, sink_size: int, recent_size: int) -> GateState:
-    """Switch ``model`` to the mixed attention driven by ``gates [layers, kv_heads]``; returns the shared state."""
+    """Switch ``model`` to the mixed attention driven by ``gates [layers, kv_heads]`` (replacing earlier gates);
+    returns the shared state, whose ``installed.uninstall()`` restores the model's own attention."""
     config = model.config
     expected = (config.num_hidden_layers, config.num_key_value_heads)
     if tuple(gates.shape) != expected:
         raise ValueError(f"gates have shape {tuple(gates.shape)}, the model needs {expected}")
     if sink_size < 0 or recent_size < 1:
         raise ValueError(f"need sink_size >= 0 and recent_size >= 1, got {sink_size}, {recent_size}")
-    AttentionInterface.register(TRAIN_ATTENTION, mixed_attention_forward)
     state = GateState(gates, sink_size, recent_size)
-    for layer in decoder_layers(model):
-        layer.self_attn.duo_gate_state = state
-    model.set_attn_implementation(TRAIN_ATTENTION)
+    state.installed = install_shared_attention(model, TRAIN_ATTENTION, mixed_attention_forward, "duo_gate_state", state)
     return state
 
 
@@ -238,88 +167,6 @@ def gated_loss(
 
 
 # ----------------------------------------------------------------------------- configuration
-
-
-@dataclasses.dataclass
-class PasskeyRunConfig:
-    """Settings training and head scoring share: the model, the streaming window and the passkey data."""
-
-    model: str = SMOLLM2
-    tokenizer: str = SMOLLM2
-    output_dir: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    sink_size: int = 64  # the shipped SmolLM2 patterns' window; the paper used 128 for 7-8B models
-    recent_size: int = 256
-    context_length_min: int = 1024
-    context_length_max: int = 8192
-    context_length_intervals: int = 8
-    num_passkeys: int = 10
-    passkey_kind: str = "digits"
-    passkey_length: int = 5
-    haystack: str | None = None
-    haystack_max_chars: int | None = None
-    seed: int = 42
-    # Tells the default pattern directories of different methods apart.
-    dir_infix: ClassVar[str] = ""
-
-    def pattern_dir(self) -> Path:
-        """``--output-dir``, else ``attn_patterns/<model><dir_infix>-sink<S>-recent<R>``."""
-        if self.output_dir:
-            return Path(self.output_dir)
-        name = Path(self.model.rstrip("/")).name or "model"
-        return Path("attn_patterns") / f"{name}{self.dir_infix}-sink{self.sink_size}-recent{self.recent_size}"
-
-    def load_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.device, torch.dtype]:
-        """The model and tokenizer on the resolved device and dtype, which are returned too."""
-        device = resolve_device(self.device)
-        dtype = resolve_dtype(self.dtype, device)
-        model, tokenizer = load_model_and_tokenizer(self.model, device, dtype, self.tokenizer, self.seed)
-        return model, tokenizer, device, dtype
-
-    def passkey_dataset(self, tokenizer: PreTrainedTokenizerBase, num_samples: int) -> PasskeyDataset:
-        """``num_samples`` passkey samples drawn as these settings say."""
-        haystack = load_haystack(self.haystack, max_chars=self.haystack_max_chars)
-        return PasskeyDataset(
-            tokenizer,
-            encode_haystack(tokenizer, haystack),
-            seed=self.seed,
-            num_samples=num_samples,
-            num_passkeys=self.num_passkeys,
-            passkey_kind=self.passkey_kind,
-            passkey_length=self.passkey_length,
-            min_context=self.context_length_min,
-            max_context=self.context_length_max,
-            num_intervals=self.context_length_intervals,
-        )
-
-
-ArgumentContainer = argparse.ArgumentParser | argparse._ArgumentGroup
-
-
-def add_passkey_run_flags(
-    defaults: PasskeyRunConfig, model: ArgumentContainer, window: ArgumentContainer, data: ArgumentContainer
-) -> None:
-    """The flags of `PasskeyRunConfig`, into the given parser or groups; --output-dir and --seed are left to each
-    command, whose help for them differs."""
-    d = defaults
-    model.add_argument("--model", default=d.model,
-                       help="'smollm2', a local model directory, or tiny-<arch> (smoke tests)")  # fmt: skip
-    model.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer for tiny-<arch> models")
-    model.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
-    model.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    window.add_argument("--sink-size", type=int, default=d.sink_size, help="attention-sink tokens of streaming heads")
-    window.add_argument("--recent-size", type=int, default=d.recent_size,
-                        help="recent-window tokens of streaming heads")  # fmt: skip
-    data.add_argument("--context-length-min", type=int, default=d.context_length_min, help="shortest sample (tokens)")
-    data.add_argument("--context-length-max", type=int, default=d.context_length_max, help="longest sample (tokens)")
-    data.add_argument("--context-length-intervals", type=int, default=d.context_length_intervals,
-                      help="number of evenly spaced context lengths between min and max")  # fmt: skip
-    data.add_argument("--num-passkeys", type=int, default=d.num_passkeys, help="passkeys hidden per sample")
-    data.add_argument("--passkey-kind", choices=("digits", "words"), default=d.passkey_kind, help="passkey alphabet")
-    data.add_argument("--passkey-length", type=int, default=d.passkey_length, help="digits or words per passkey")
-    data.add_argument("--haystack", default=d.haystack, help=".txt/.jsonl/.jsonl.zst filler (default: offline text)")
-    data.add_argument("--haystack-max-chars", type=int, default=d.haystack_max_chars, help="read at most this much")
 
 
 @dataclasses.dataclass
@@ -396,55 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic: a kill during the write leaves the previous checkpoint intact."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` (tensors and plain Python only)."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("version") != _CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: unsupported checkpoint version {payload.get('version')!r}")
-    return payload
-
-
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    current = dataclasses.asdict(config)
-    diffs = [
-        f"{key}: checkpoint {saved.get(key)!r} vs now {value!r}"
-        for key, value in current.items()
-        if key not in _RUN_CONTROL and saved.get(key) != value
-    ]
-    if diffs:
-        raise ValueError(f"{path} was written with different settings; cannot resume:\n  " + "\n  ".join(diffs))
-
-
 # ----------------------------------------------------------------------------- training loop
 
 
@@ -493,14 +291,7 @@ def train(config: TrainConfig) -> Path | None:
     config.check()
     out = config.pattern_dir()
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / CHECKPOINT_FILE
-    checkpoint = None
-    if ckpt_path.exists():
-        if not config.resume:
-            raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --output-dir")
-        checkpoint = load_checkpoint(ckpt_path)
-        _check_resumable(checkpoint["config"], config, ckpt_path)
-
+    checkpoint = _checkpoint_to_resume(out / CHECKPOINT_FILE, config)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -509,39 +300,55 @@ def train(config: TrainConfig) -> Path | None:
     if config.activation_checkpointing:
         enable_activation_checkpointing(model)
     model.train()  # activation checkpointing is active in training mode only; these models have no dropout
-
     dataset = config.passkey_dataset(tokenizer, config.num_steps * config.grad_accum_steps)
-
     shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
     gates = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))
     state = attach_gates(model, gates, config.sink_size, config.recent_size)
+    try:
+        progress = _optimise(model, state, dataset, config, device, checkpoint, out / CHECKPOINT_FILE)
+    finally:
+        state.installed.uninstall()
+    if progress is None:
+        return None
+    history, elapsed = progress
+    return _write_outputs(out, config, model, gates.detach().cpu().numpy(), history, elapsed, device, dtype)
+
+
+def _checkpoint_to_resume(path: Path, config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint a ``--resume`` continues (None for a fresh run); an existing one without --resume, or one
+    written with other settings, is an error."""
+    if not path.exists():
+        return None
+    if not config.resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --output-dir")
+    checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint["config"], dataclasses.asdict(config), _RUN_CONTROL, path)
+    return checkpoint
+
+
+def _optimise(
+    model: PreTrainedModel,
+    state: GateState,
+    dataset: PasskeyDataset,
+    config: TrainConfig,
+    device: torch.device,
+    checkpoint: dict[str, Any] | None,
+    checkpoint_path: Path,
+) -> tuple[list[dict[str, float]], float] | None:
+    """The optimisation loop, from ``checkpoint`` when given; returns ``(history, seconds)`` once all steps are
+    done, None when stopped early (time limit, --stop-after-steps) after checkpointing."""
+    gates = state.gates
     optimizer = torch.optim.AdamW([gates], lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * config.num_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, config.num_steps))
-
     step, elapsed, history = 0, 0.0, []
     if checkpoint is not None:
         with torch.no_grad():
             gates.copy_(checkpoint["gates"].to(device))
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"])
         step, elapsed, history = checkpoint["step"], checkpoint["elapsed_s"], checkpoint["history"]
-
-    def checkpoint_now() -> None:
-        payload = {
-            "version": _CHECKPOINT_VERSION,
-            "config": dataclasses.asdict(config),
-            "step": step,
-            "gates": gates.detach().cpu(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "history": history,
-            "elapsed_s": elapsed + (time.perf_counter() - started),
-        }
-        save_checkpoint(ckpt_path, payload)
-
     started = time.perf_counter()
     steps_this_run = 0
     bar = tqdm(total=config.num_steps, initial=step, desc="duo-attn gates", dynamic_ncols=True, file=sys.stderr)
@@ -555,14 +362,17 @@ def train(config: TrainConfig) -> Path | None:
         over_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
         stopping = step < config.num_steps and (over_time or steps_this_run == config.stop_after_steps)
         if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
-            checkpoint_now()
+            save_checkpoint(checkpoint_path, {
+                "config": dataclasses.asdict(config), "step": step, "gates": gates.detach().cpu(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                "history": history, "elapsed_s": elapsed + (time.perf_counter() - started),
+            })  # fmt: skip
         if stopping:
             bar.close()
             print(f"stopped after step {step} of {config.num_steps}; rerun with --resume to continue", file=sys.stderr)
             return None
     bar.close()
-    elapsed += time.perf_counter() - started
-    return _write_outputs(out, config, model, gates.detach().cpu().numpy(), history, elapsed, device, dtype)
+    return history, elapsed + time.perf_counter() - started
 
 
 def _write_outputs(
@@ -582,7 +392,7 @@ def _write_outputs(
     tail = history[-max(1, len(history) // 10) :]
     info = {
         **settings,
-        "method": "duo_attn.train (gate distillation)",
+        "method": "duo_attn.learn.train (gate distillation)",
         **run_provenance(model, device, dtype),
         "wall_time_s": round(elapsed, 2),
         "seconds_per_step": round(elapsed / max(1, len(history)), 3),

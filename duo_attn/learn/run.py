@@ -1,0 +1,188 @@
+"""What a passkey run (training or head scoring) shares: its settings and flags, the model it loads, the attention
+mode it installs on it, and what it writes next to the pattern (provenance, a heatmap of the gates)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import transformers
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..models import SMOLLM2, load_model, load_tokenizer, resolve_device, resolve_dtype, tiny_model
+from ..patch import InstalledAttention, install_attention
+from ..patterns import atomic_path
+from .data import IGNORE_INDEX, PasskeyDataset, encode_haystack, load_haystack
+
+HEATMAP_FILE = "gates.png"
+TINY_PREFIX = "tiny-"
+
+
+def supervised_query_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next-token prediction is supervised (``labels[p + 1] != -100``), as the LM loss shifts.
+
+    These are the queries that must produce the answers; their hidden states are what distillation compares and
+    their attention is what the scorer measures.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+    return mask
+
+
+def load_model_and_tokenizer(
+    name: str, device: torch.device, dtype: torch.dtype, tokenizer_name: str = SMOLLM2, seed: int = 0
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """``smollm2``, a local model directory, or ``tiny-<arch>`` (a random tiny model using ``tokenizer_name``'s
+    vocabulary, for smoke tests of the whole pipeline)."""
+    if name.startswith(TINY_PREFIX):
+        tokenizer = load_tokenizer(tokenizer_name)
+        model = tiny_model(name[len(TINY_PREFIX) :], seed=seed, vocab_size=len(tokenizer))
+        return model.to(device=device, dtype=dtype), tokenizer
+    return load_model(name, dtype=dtype, device=device)
+
+
+def install_shared_attention(
+    model: PreTrainedModel, name: str, function: Callable, attr: str, state: Any
+) -> InstalledAttention:
+    """Install the attention mode ``name`` whose layers all read one ``state`` object (as ``module.<attr>``); an
+    earlier install of the same mode is replaced, any other installed mode is refused. Undo with ``uninstall()``."""
+    current = getattr(model, "duo_attention_mode", None)
+    if current is not None and current.name == name:
+        current.uninstall()
+    return install_attention(model, name, function, attr=attr, layer_state=lambda _: state)
+
+
+def device_description(device: torch.device) -> str:
+    """What ran the job, for config.json."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU ({torch.get_num_threads()} threads)"
+
+
+def run_provenance(model: PreTrainedModel, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The model, hardware and library versions behind a pattern, for its config.json."""
+    return {
+        "model_type": model.config.model_type,
+        "num_layers": model.config.num_hidden_layers,
+        "num_kv_heads": model.config.num_key_value_heads,
+        "num_attention_heads": model.config.num_attention_heads,
+        "resolved_device": str(device),
+        "resolved_dtype": str(dtype).removeprefix("torch."),
+        "device_name": device_description(device),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def save_gate_heatmap(gates: np.ndarray, path: str | os.PathLike, title: str) -> Path:
+    """Layers x KV heads picture of a gate or score table; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gates = np.asarray(gates, dtype=np.float64)
+    layers, heads = gates.shape
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.5 * heads + 2.0), max(3.0, 0.22 * layers + 1.5)))
+    image = ax.imshow(gates, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="gate (1 = retrieval head)")
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+@dataclasses.dataclass
+class PasskeyRunConfig:
+    """Settings training and head scoring share: the model, the streaming window and the passkey data."""
+
+    model: str = SMOLLM2
+    tokenizer: str = SMOLLM2
+    output_dir: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    sink_size: int = 64  # the shipped SmolLM2 patterns' window; the paper used 128 for 7-8B models
+    recent_size: int = 256
+    context_length_min: int = 1024
+    context_length_max: int = 8192
+    context_length_intervals: int = 8
+    num_passkeys: int = 10
+    passkey_kind: str = "digits"
+    passkey_length: int = 5
+    haystack: str | None = None
+    haystack_max_chars: int | None = None
+    seed: int = 42
+    # Tells the default pattern directories of different methods apart.
+    dir_infix: ClassVar[str] = ""
+
+    def pattern_dir(self) -> Path:
+        """``--output-dir``, else ``attn_patterns/<model><dir_infix>-sink<S>-recent<R>``."""
+        if self.output_dir:
+            return Path(self.output_dir)
+        name = Path(self.model.rstrip("/")).name or "model"
+        return Path("attn_patterns") / f"{name}{self.dir_infix}-sink{self.sink_size}-recent{self.recent_size}"
+
+    def load_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.device, torch.dtype]:
+        """The model and tokenizer on the resolved device and dtype, which are returned too."""
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        model, tokenizer = load_model_and_tokenizer(self.model, device, dtype, self.tokenizer, self.seed)
+        return model, tokenizer, device, dtype
+
+    def passkey_dataset(self, tokenizer: PreTrainedTokenizerBase, num_samples: int) -> PasskeyDataset:
+        """``num_samples`` passkey samples drawn as these settings say."""
+        haystack = load_haystack(self.haystack, max_chars=self.haystack_max_chars)
+        return PasskeyDataset(
+            tokenizer,
+            encode_haystack(tokenizer, haystack),
+            seed=self.seed,
+            num_samples=num_samples,
+            num_passkeys=self.num_passkeys,
+            passkey_kind=self.passkey_kind,
+            passkey_length=self.passkey_length,
+            min_context=self.context_length_min,
+            max_context=self.context_length_max,
+            num_intervals=self.context_length_intervals,
+        )
+
+
+ArgumentContainer = argparse.ArgumentParser | argparse._ArgumentGroup
+
+
+def add_passkey_run_flags(
+    defaults: PasskeyRunConfig, model: ArgumentContainer, window: ArgumentContainer, data: ArgumentContainer
+) -> None:
+    """The flags of `PasskeyRunConfig`, into the given parser or groups; --output-dir and --seed are left to each
+    command, whose help for them differs."""
+    d = defaults
+    model.add_argument("--model", default=d.model,
+                       help="'smollm2', a local model directory, or tiny-<arch> (smoke tests)")  # fmt: skip
+    model.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer for tiny-<arch> models")
+    model.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    model.add_argument("--dtype", default=d.dtype, help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    window.add_argument("--sink-size", type=int, default=d.sink_size, help="attention-sink tokens of streaming heads")
+    window.add_argument("--recent-size", type=int, default=d.recent_size,
+                        help="recent-window tokens of streaming heads")  # fmt: skip
+    data.add_argument("--context-length-min", type=int, default=d.context_length_min, help="shortest sample (tokens)")
+    data.add_argument("--context-length-max", type=int, default=d.context_length_max, help="longest sample (tokens)")
+    data.add_argument("--context-length-intervals", type=int, default=d.context_length_intervals,
+                      help="number of evenly spaced context lengths between min and max")  # fmt: skip
+    data.add_argument("--num-passkeys", type=int, default=d.num_passkeys, help="passkeys hidden per sample")
+    data.add_argument("--passkey-kind", choices=("digits", "words"), default=d.passkey_kind, help="passkey alphabet")
+    data.add_argument("--passkey-length", type=int, default=d.passkey_length, help="digits or words per passkey")
+    data.add_argument("--haystack", default=d.haystack, help=".txt/.jsonl/.jsonl.zst filler (default: offline text)")
+    data.add_argument("--haystack-max-chars", type=int, default=d.haystack_max_chars, help="read at most this much")
