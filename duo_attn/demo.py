@@ -14,15 +14,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .learn.data import encode_haystack, load_haystack
-from .eval.niah import (
+from .eval.harness import (
     HAYSTACK_CHARS_PER_TOKEN,
+    GridCell,
+    Method,
     build_methods,
     normalize_whitespace,
     run_grid,
     window_sizes,
 )
 from .eval.passkey_grid import passkey_cells
+from .eval.report import summarise
+from .learn.data import encode_haystack, load_haystack
 from .models import DTYPES, SMOLLM2, load_model, resolve_dtype
 from .patterns import GATES_FILE, SHIPPED_PATTERNS, default_pattern
 
@@ -81,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     methods = build_methods(
         model.config, ["full", "duo"], sparsities=[args.sparsity], sink_size=sink, recent_size=recent, pattern=pattern
     )
-    full, duo = methods
+    duo = methods[1]
     print(
         f"model {model.config.model_type}, {model.config.num_hidden_layers} layers x "
         f"{model.config.num_key_value_heads} KV heads, {model.dtype}, {args.device}; "
@@ -92,9 +95,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         f"streaming heads keep sink {sink} + recent {recent} tokens\n"
     )
     records = run_grid(model, tokenizer, methods, cells, chunk_size=args.chunk_size, desc="demo")
-    by_method = {m.name: [r for r in records if r["method"] == m.name] for m in methods}
+    _print_answers(cells, *([r for r in records if r["method"] == m.name] for m in methods))
+    _print_costs(methods, records, started)
+    return records
 
-    for i, (cell, f, d) in enumerate(zip(cells, by_method[full.name], by_method[duo.name]), start=1):
+
+def _print_answers(cells: Sequence[GridCell], full: list[dict[str, Any]], duo: list[dict[str, Any]]) -> None:
+    """Each prompt's answer under full attention and under duo attention."""
+    for i, (cell, f, d) in enumerate(zip(cells, full, duo), start=1):
         print(f"prompt {i}/{len(cells)}: {f['prompt_tokens']} tokens, passkey {cell.answer} at depth {cell.depth:g}")
         for label, r in (("full", f), ("duo ", d)):
             verdict = "correct" if r["greedy_match"] else "wrong"
@@ -103,21 +111,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 f"teacher-forced digit accuracy {r['teacher_forced_accuracy']:.2f}"
             )
     print()
-    for method in methods:
-        rows = by_method[method.name]
-        kv = sum(r["kv_bytes"] for r in rows) / len(rows)
-        seconds = sum(r["seconds"] for r in rows) / len(rows)
-        correct = sum(r["greedy_match"] for r in rows)
-        accuracy = sum(r["teacher_forced_accuracy"] for r in rows) / len(rows)
-        print(
-            f"{method.name:<9} KV cache after pre-fill {_mib(kv):>10}   {seconds:.2f} s per prompt   "
-            f"answers correct {correct}/{len(rows)}   mean teacher-forced accuracy {accuracy:.2f}"
-        )
-    full_kv = sum(r["kv_bytes"] for r in by_method[full.name])
-    duo_kv = sum(r["kv_bytes"] for r in by_method[duo.name])
-    print(f"duo holds {duo_kv / full_kv:.0%} of the full KV cache; demo took {time.perf_counter() - started:.1f} s")
-    return records
 
+
+def _print_costs(methods: Sequence[Method], records: Sequence[dict[str, Any]], started: float) -> None:
+    """Per method the mean KV bytes, time and scores over the prompts, then duo's share of the full KV cache and the
+    time since ``started``."""
+    means = {name: by_context["mean"] for name, by_context in summarise(records).items()}
+    prompts = len(records) // len(methods)
+    for method in methods:
+        mean = means[method.name]
+        print(
+            f"{method.name:<9} KV cache after pre-fill {_mib(mean['kv_bytes']):>10}   {mean['seconds']:.2f} s per "
+            f"prompt   answers correct {round(mean['greedy_match'] * prompts)}/{prompts}   mean teacher-forced "
+            f"accuracy {mean['teacher_forced_accuracy']:.2f}"
+        )
+    full, duo = methods
+    share = means[duo.name]["kv_bytes"] / means[full.name]["kv_bytes"]
+    print(f"duo holds {share:.0%} of the full KV cache; demo took {time.perf_counter() - started:.1f} s")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ import pytest
 from helpers import requires_smollm2
 
 from duo_attn import demo, save_attn_pattern
+from duo_attn.patterns import default_pattern
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -35,12 +36,12 @@ def test_help_as_a_module():
 
 
 def test_default_pattern_is_the_first_directory_with_gates(tmp_path: Path):
-    assert demo.default_pattern(tmp_path / "missing") is None
-    assert demo.default_pattern(tmp_path) is None
+    assert default_pattern(tmp_path / "missing") is None
+    assert default_pattern(tmp_path) is None
     (tmp_path / "a-empty").mkdir()
     save_attn_pattern(tmp_path / "c", np.ones((2, 2)), 4, 8)
     save_attn_pattern(tmp_path / "b" / "nested", np.ones((2, 2)), 4, 8)
-    assert demo.default_pattern(tmp_path) == tmp_path / "b" / "nested"
+    assert default_pattern(tmp_path) == tmp_path / "b" / "nested"
 
 
 def test_no_pattern_is_a_clear_error(tmp_path: Path, monkeypatch, capsys):

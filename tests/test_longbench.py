@@ -6,7 +6,6 @@ import json
 import runpy
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from helpers import CHAT_TEMPLATE, byte_level_tokenizer, tiny_llama
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from duo_attn.eval import longbench as lb
+from duo_attn.eval.harness import generate_greedy
 
 FIXTURES = Path(__file__).parent / "fixtures" / "longbench"
 FIXTURE_TASKS = ["hotpotqa", "trec", "samsum", "multifieldqa_zh"]
@@ -151,8 +151,8 @@ def test_predict_limit_and_samsum_newline_stop(model, tokenizer, counting, tmp_p
 
 def test_generate_greedy_chunked_prefill_matches(model, tokenizer):
     ids = tokenizer("The old mill by the river has a red roof and a blue door. " * 8)["input_ids"]
-    plain = lb.generate_greedy(model, tokenizer, ids, 12)
-    assert lb.generate_greedy(model, tokenizer, ids, 12, chunk_size=16) == plain
+    plain = generate_greedy(model, tokenizer, ids, 12)
+    assert generate_greedy(model, tokenizer, ids, 12, chunk_size=16) == plain
 
 
 def _write_perfect(out: Path, tasks: list[str]) -> None:
@@ -223,10 +223,8 @@ def test_cli_predict_and_score(model, tokenizer, monkeypatch, tmp_path, capsys):
     def enable_duo_attention_eval(model_, pattern, sparsity=None):
         patched.append((pattern, sparsity))
 
-    monkeypatch.setitem(sys.modules, "duo_attn.models", types.SimpleNamespace(load_model=load_model))
-    monkeypatch.setitem(
-        sys.modules, "duo_attn.patch", types.SimpleNamespace(enable_duo_attention_eval=enable_duo_attention_eval)
-    )
+    monkeypatch.setattr(lb, "load_model", load_model)
+    monkeypatch.setattr(lb, "enable_duo_attention_eval", enable_duo_attention_eval)
     data = tmp_path / "data"
     shutil.copytree(FIXTURES, data)
     out = tmp_path / "out"

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..models import DTYPES, resolve_dtype
+from ..models import DTYPES, SMOLLM2, load_model, resolve_dtype
+from ..patch import enable_duo_attention_eval
 from ..patterns import atomic_write_text
+from .harness import encode_prompt, generate_greedy, has_chat_template
 from .metrics import base_task, score_task, score_task_by_length
 
 LONGBENCH_TASKS: tuple[str, ...] = (
@@ -143,24 +145,6 @@ def load_task(task: str, data_dir: str | os.PathLike | None = None, *, from_hub:
     return [dict(row) for row in load_dataset("THUDM/LongBench", task, split="test")]
 
 
-def has_chat_template(tokenizer: Any) -> bool:
-    """Whether prompts should be wrapped as a user turn (instruction-tuned tokenizers carry a template)."""
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def encode_prompt(tokenizer: Any, text: str, *, chat: bool, assistant_prefix: str = "") -> list[int]:
-    """Token ids for ``text``, as a single user turn when ``chat`` (the template then supplies BOS and the like).
-
-    ``assistant_prefix`` is appended after the generation prompt, i.e. it starts the model's answer.
-    """
-    if chat:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(rendered + assistant_prefix, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(text + assistant_prefix)["input_ids"])
-
-
 def build_prompt_ids(task: str, sample: dict, tokenizer: Any, max_length: int) -> list[int]:
     """Prompt ids for one sample: template filled, middle-truncated to ``max_length`` tokens, chat-wrapped if due.
 
@@ -177,45 +161,6 @@ def build_prompt_ids(task: str, sample: dict, tokenizer: Any, max_length: int) -
         )
     chat = has_chat_template(tokenizer) and key not in NO_CHAT_TEMPLATE_TASKS
     return encode_prompt(tokenizer, prompt, chat=chat)
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = list(configured) if isinstance(configured, (list, tuple)) else [configured]
-    ids.append(tokenizer.eos_token_id)
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
-@torch.inference_mode()
-def generate_greedy(
-    model: Any,
-    tokenizer: Any,
-    input_ids: Sequence[int],
-    max_new_tokens: int,
-    *,
-    stop_at_newline: bool = False,
-    chunk_size: int | None = None,
-) -> str:
-    """Greedy continuation of one prompt, decoded without special tokens.
-
-    ``stop_at_newline`` adds the newline token to the stop ids and forces at least one new token (LongBench's samsum
-    setting, which keeps models from rambling on with invented dialogues). ``chunk_size`` prefills the prompt in
-    chunks of that many tokens (transformers' ``prefill_chunk_size``) to bound activation memory on long inputs.
-    """
-    ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
-    eos = _eos_ids(model, tokenizer)
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
-    if stop_at_newline:
-        eos.append(tokenizer.encode("\n", add_special_tokens=False)[-1])
-        kwargs["min_new_tokens"] = 1
-    if eos:
-        kwargs["eos_token_id"] = eos
-    if getattr(model.generation_config, "pad_token_id", None) is None:
-        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
-    if chunk_size is not None:
-        kwargs["prefill_chunk_size"] = chunk_size
-    output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def _sample_id(sample: dict, index: int) -> str:
@@ -395,7 +340,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     pred = sub.add_parser("predict", help="generate predictions (skips samples already in the output), then score")
-    pred.add_argument("--model", default="smollm2", help="name or path understood by duo_attn.models.load_model")
+    pred.add_argument("--model", default=SMOLLM2, help="name or path understood by duo_attn.models.load_model")
     pred.add_argument("--data-dir", help="directory of LongBench <task>.jsonl files")
     pred.add_argument("--from-hub", action="store_true", help="load THUDM/LongBench through `datasets` instead")
     pred.add_argument("--tasks", default="all", help="comma-separated tasks, 'all' (21 tasks) or 'all_e' (LongBench-E)")
@@ -428,12 +373,8 @@ def _run_predict(args: argparse.Namespace) -> None:
     if args.sparsity is not None and args.pattern is None:
         raise SystemExit("--sparsity needs --pattern")
     tasks = _parse_tasks(args.tasks)
-    from duo_attn.models import load_model
-
     model, tokenizer = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     if args.pattern is not None:
-        from duo_attn.patch import enable_duo_attention_eval
-
         enable_duo_attention_eval(model, args.pattern, sparsity=args.sparsity)
     max_length = args.max_length or model.config.max_position_embeddings - 500
     predict(

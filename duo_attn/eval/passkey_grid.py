@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..learn.data import NeedlePrompt, build_needle_prompt
-from .niah import (
-    GridCell,
-    add_common_arguments,
-    build_methods,
-    key_only,
-    load_for_eval,
-    run_and_report,
-    window_sizes,
-)
+from .harness import GridCell, key_only
+from .report import add_common_arguments, run_and_report
 
 PASSKEY_NEEDLE = "The pass key is {passkey}. Remember it."
 PASSKEY_QUESTION = "What is the pass key?"
@@ -138,22 +130,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             parser.error(f"method {kind!r} needs {flag} DIR")
     if any(not 0.0 <= f <= 1.0 for f in args.retrieval_fractions):
         parser.error("--retrieval-fractions must lie in [0, 1]")
-    started = time.perf_counter()
-    model, tokenizer, haystack_ids = load_for_eval(args)
-    sink, recent = window_sizes(args.pattern or args.baseline_pattern, args.sink, args.recent)
-    sparsities = [1.0 - f for f in args.retrieval_fractions]
-    methods = build_methods(
-        model.config, kinds, sparsities=sparsities, sink_size=sink, recent_size=recent, pattern=args.pattern,
-        baseline_pattern=args.baseline_pattern, seed=args.seed,
-    )  # fmt: skip
-    cells = passkey_cells(
-        tokenizer, haystack_ids, args.contexts, args.depths, keys_per_cell=args.keys_per_cell, seed=args.key_seed
-    )
     return run_and_report(
-        args, model, tokenizer, methods, cells, title="Held-out passkey grid", desc="passkey grid", started=started,
-        sink_size=sink, recent_size=recent,
+        args, kinds=kinds, sparsities=[1.0 - f for f in args.retrieval_fractions], pattern=args.pattern,
+        baseline_pattern=args.baseline_pattern, title="Held-out passkey grid", desc="passkey grid",
+        make_cells=lambda tokenizer, haystack_ids: passkey_cells(
+            tokenizer, haystack_ids, args.contexts, args.depths, keys_per_cell=args.keys_per_cell, seed=args.key_seed
+        ),
     )  # fmt: skip
-
 
 if __name__ == "__main__":
     main()

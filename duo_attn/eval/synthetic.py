@@ -19,14 +19,19 @@ string-match-all). Everything is deterministic for a given seed, task, length an
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .longbench import encode_prompt, generate_greedy, has_chat_template
+from ..learn.data import load_haystack
+from ..models import DTYPES, SMOLLM2, load_model
+from .harness import Method, build_methods, encode_prompt, generate_greedy, has_chat_template, window_sizes
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
 
@@ -357,17 +362,7 @@ def format_synthetic_table(results: dict[str, dict[int, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the suite under full attention, duo at given sparsities and all-streaming heads; write results.json and
-    summary.md."""
-    import argparse
-    import json
-    from pathlib import Path
-
-    from ..learn.data import load_haystack
-    from ..models import DTYPES, load_model
-    from .niah import build_methods, window_sizes
-
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="duo-attn synthetic",
         description="Offline RULER-style tasks (single/multi-key and multi-value needles, variable tracking, common "
@@ -375,7 +370,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "and all-streaming heads. Writes results.json and summary.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="smollm2", help="'smollm2' (offline) or a local model directory")
+    parser.add_argument("--model", default=SMOLLM2, help="'smollm2' (offline) or a local model directory")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     parser.add_argument("--pattern", help="pattern directory for the 'duo' method (and the default window sizes)")
@@ -393,6 +388,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--chunk-size", type=int, default=1024, help="pre-fill chunk size (tokens)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/synthetic"), help="where the report goes")
+    return parser
+
+
+def write_synthetic_report(
+    output_dir: Path, config: dict[str, Any], methods: Sequence[Method], results: dict[str, dict[str, dict[int, float]]]
+) -> dict[str, Any]:
+    """Write ``results.json`` (config, methods, scores) and ``summary.md`` (one table per method) and print the
+    tables; returns what results.json holds."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    report = {"config": config, "methods": [m.describe() for m in methods], "scores": results}
+    (output_dir / "results.json").write_text(json.dumps(report, indent=1))
+    tables = [f"## {name} ({m.retrieval_heads} retrieval heads)\n\n{format_synthetic_table(results[name])}"
+              for name, m in zip(results, methods)]  # fmt: skip
+    summary = "# Synthetic suite (string match, 0-100)\n\n" + "\n\n".join(tables) + "\n"
+    (output_dir / "summary.md").write_text(summary)
+    print("\n\n".join(tables))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the suite under full attention, duo at given sparsities and all-streaming heads; write results.json and
+    summary.md."""
+    parser = _build_parser()
     args = parser.parse_args(argv)
     kinds = args.methods or (["full", "duo", "streaming"] if args.pattern else ["full", "streaming"])
     if "duo" in kinds and not args.pattern:
@@ -410,16 +428,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         results[method.name] = run_synthetic_suite(
             model, tokenizer, args.lengths, args.tasks, args.n_samples, chunk_size=args.chunk_size,
             seed=args.seed, haystack=haystack,
-        )
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    report = {"config": vars(args) | {"output_dir": str(args.output_dir)},
-              "methods": [m.describe() for m in methods], "scores": results}
-    (args.output_dir / "results.json").write_text(json.dumps(report, indent=1))
-    tables = [f"## {name} ({m.retrieval_heads} retrieval heads)\n\n{format_synthetic_table(results[name])}"
-              for name, m in zip(results, methods)]
-    (args.output_dir / "summary.md").write_text("# Synthetic suite (string match, 0-100)\n\n" + "\n\n".join(tables) + "\n")
-    print("\n\n".join(tables))
-    return report
+        )  # fmt: skip
+    return write_synthetic_report(args.output_dir, vars(args) | {"output_dir": str(args.output_dir)}, methods, results)
 
 
 if __name__ == "__main__":
