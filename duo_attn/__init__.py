@@ -1,7 +1,7 @@
 """DuoAttention for HuggingFace transformers: retrieval heads keep a full KV cache, streaming heads sink + recent."""
 
 from .errors import DuoCacheError, ModelError, PatternError, TransformersVersionError
-from .kv_cache import DuoCache
+from .kv_cache import DuoCache, StaticDuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
 from .patterns import load_attn_pattern, save_attn_pattern, sparsify_attention_heads
 
@@ -10,6 +10,7 @@ __all__ = [
     "DuoCacheError",
     "ModelError",
     "PatternError",
+    "StaticDuoCache",
     "TransformersVersionError",
     "disable_duo_attention",
     "enable_duo_attention_eval",

@@ -71,7 +71,10 @@ def duo_padding_mask(
     """transformers mask interface: duo attention needs only the 2-D padding mask; the rule is applied per head."""
     if attention_mask is None:
         return None
-    return attention_mask[:, -kv_length:]
+    if attention_mask.shape[-1] == kv_length:
+        return attention_mask
+    # a copy, not a view: a view's strides follow generate's growing mask, and a compiled step guards on strides
+    return attention_mask[:, -kv_length:].clone(memory_format=torch.contiguous_format)
 
 
 def _retrieval_masks(step: DuoStep) -> tuple[torch.Tensor | None, str | None]:

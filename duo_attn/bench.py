@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Mistra
 
 from .compat import cache_kwargs
 from .generate import StaticDecoder, compile_decoder_modules
-from .kv_cache import DuoCache
+from .kv_cache import DuoCache, StaticDuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
 from .patterns import load_attn_pattern, sparsify_attention_heads
 
@@ -112,11 +112,15 @@ def copy_bandwidth(device: str) -> float:
     return 2 * (1 << 30) * 2 / statistics.median(times)
 
 
-def make_cache(model, method: str, tokens: int, device: str):
-    """A cache holding ``tokens`` random keys/values, filled through the cache's own update path."""
+def make_cache(model, method: str, tokens: int, device: str, capacity: int | None = None):
+    """A cache holding ``tokens`` random keys/values, filled through the cache's own update path; with ``capacity``
+    a duo cache is a `StaticDuoCache` of that many tokens."""
     config = model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    cache = DuoCache.for_model(model) if method != "hf" else DynamicCache(config=config)
+    if method == "hf":
+        cache = DynamicCache(config=config)
+    else:
+        cache = DuoCache.for_model(model) if capacity is None else StaticDuoCache.for_model(model, capacity)
     if isinstance(cache, DuoCache):
         cache.begin_step(None, tokens, 1, torch.device(device))
     for layer in range(config.num_hidden_layers):
@@ -175,10 +179,10 @@ def bench_decode(model, method: str, context: int, steps: int, warmup: int, devi
     torch.cuda.empty_cache()
     profiled = 10
     try:
-        cache = make_cache(model, method, context, device)
+        capacity = None if method == "hf" else context + warmup + steps + profiled + 1
+        cache = make_cache(model, method, context, device, capacity)
         token = torch.zeros(1, 1, dtype=torch.long, device=device)
         if isinstance(cache, DuoCache):
-            cache.make_static(context + warmup + steps + profiled + 1)
             decoder = StaticDecoder(model, cache, cuda_graph=graph)
             step = lambda: decoder(token)  # noqa: E731
         else:

@@ -1,9 +1,14 @@
-"""The one place that knows how the installed transformers names what changed inside 5.x.
+"""The one place that knows how the installed transformers names and passes things that changed inside 5.x.
 
-transformers 5.24 renamed the models' cache argument (and the output field) from ``past_key_values`` to ``cache``;
-the old name is deprecated, to be removed in 5.40. The name a model takes is read from its ``forward`` signature
-(``deprecate_kwarg`` keeps the signature of the wrapped function), never from a version number, so a model family
-that renames later is handled too. Everything else in the library passes and reads caches through this module.
+- The cache argument: transformers 5.24 renamed the models' cache argument (and the output field) from
+  ``past_key_values`` to ``cache``; the old name is deprecated, to be removed in 5.40. The name a model takes is read
+  from its ``forward`` signature (``deprecate_kwarg`` keeps the signature of the wrapped function), never from a
+  version number, so a model family that renames later is handled too. Everything else in the library passes and
+  reads caches through this module.
+- The padding mask: ``generate`` hands models with ``layer_types`` (Qwen2/3) a dict of masks per layer type.
+- The cache ``generate`` makes: it decides whether to compile its decode step before the first forward pass, from
+  the cache it prepared in ``GenerationMixin._prepare_cache_for_generation`` (same signature in 5.17 and 5.24; a
+  test pins it). `install_generate_cache` wraps that method on one model instance, the only non-public seam used.
 
 Supported and proven by CI: `TESTED_TRANSFORMERS` (both ends of the declared range in pyproject.toml).
 """
@@ -13,7 +18,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import types
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,6 +82,41 @@ def take_cache(kwargs: dict[str, Any]) -> Any:
             f"only knows {CACHE_NAMES} and refuses to run without seeing its cache"
         )
     return next(iter(given.values()), None)
+
+
+def padding_mask_of(kwargs: dict[str, Any]) -> Any:
+    """The 2-D padding mask of a forward call (generate passes a dict per layer type to models with layer_types)."""
+    mask = kwargs.get("attention_mask")
+    return mask.get("full_attention") if isinstance(mask, dict) else mask
+
+
+GenerateCacheFactory = Callable[..., Any]  # (generation_config, model_kwargs, mode, batch, max_len) -> cache | None
+
+
+def install_generate_cache(model: torch.nn.Module, factory: GenerateCacheFactory) -> None:
+    """Let ``factory`` make the cache ``model.generate`` uses; where it returns None, transformers' own logic runs.
+
+    The factory sees what transformers knows at that point (the generation config, the call's keyword arguments,
+    the generation mode, the batch size before beam expansion and the largest cache length)."""
+    original = type(model)._prepare_cache_for_generation
+    name = cache_argument(model)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):  # fmt: skip
+        cache = factory(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        if cache is None:
+            return original(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
+        model_kwargs[name] = cache
+
+    model._prepare_cache_for_generation = types.MethodType(_prepare_cache_for_generation, model)
+
+
+def uninstall_generate_cache(model: torch.nn.Module) -> None:
+    model.__dict__.pop("_prepare_cache_for_generation", None)
+
+
+def user_cache_given(model: torch.nn.Module, model_kwargs: dict[str, Any]) -> bool:
+    return model_kwargs.get(cache_argument(model)) is not None
 
 
 def output_cache(outputs: Any) -> Any:

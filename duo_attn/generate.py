@@ -1,14 +1,17 @@
-"""Fast greedy generation for a duo-patched model: chunked pre-fill, then one-token steps on a static `DuoCache`,
-each step (on a GPU) one replay of a CUDA graph.
+"""Fast generation for a duo-patched model, on the compileable `StaticDuoCache`.
 
 An eager transformers forward pass costs tens of milliseconds of host time for a 7B model (hundreds of small kernel
-launches), more than the GPU needs to read the weights and a duo cache. With the cache in static mode
-(`DuoCache.make_static`) every decode step launches the same kernels with the same arguments, so the whole forward
-pass is captured once and replayed: the host cost of a step becomes one graph launch.
+launches), more than the GPU needs to read the weights and a duo cache. On a `StaticDuoCache` every decode step
+launches the same kernels with the same arguments, so a step can be compiled or captured once and replayed.
 
-``model.generate`` keeps working as usual (eagerly); this module is the fast path for the common greedy case.
+Two drivers of that one step:
 
-    python -m duo_attn.generate --help   # generate on SmolLM2 and time it against transformers' generate
+- ``model.generate(...)`` itself: after `enable_duo_attention_eval` (``compile_generate=True``), transformers' own
+  generate gets a `StaticDuoCache` wherever it compiles its decode step (CUDA), with every decoding option.
+- `StaticDecoder` (and the greedy `generate` below, built on it): for users who drive the step themselves; the
+  step is captured in a CUDA graph by hand, and the pre-fill is chunked with only the last position's logits.
+
+    python -m duo_attn.generate --help   # generate on SmolLM2 and time the paths against each other
 """
 
 from __future__ import annotations
@@ -22,20 +25,23 @@ import torch
 
 from .compat import cache_kwargs
 from .errors import DuoCacheError
-from .kv_cache import DuoCache
+from .kv_cache import StaticDuoCache
 from .masks import positions_from_padding
 
 
 class StaticDecoder:
-    """One-token decode steps on a static `DuoCache`: eager, or captured in a CUDA graph and replayed.
+    """One-token decode steps on a pre-filled `StaticDuoCache`: eager, or captured in a CUDA graph and replayed.
 
     The first call runs eagerly (on a side stream: kernels are compiled and libraries initialised outside capture),
     the second captures the step; every later call is a replay.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: DuoCache, cuda_graph: bool | None = None):
-        if not cache.is_static:
-            raise DuoCacheError("StaticDecoder needs a static cache: call cache.make_static(capacity) first")
+    def __init__(self, model: torch.nn.Module, cache: StaticDuoCache, cuda_graph: bool | None = None):
+        if not isinstance(cache, StaticDuoCache) or cache.static_step is None:
+            raise DuoCacheError(
+                "StaticDecoder needs a pre-filled StaticDuoCache: make one with StaticDuoCache.for_model(model, "
+                "capacity) and run the prompt through the model first"
+            )
         self.model, self.cache = model, cache
         device = cache.static_step.query_pos.device
         self.cuda_graph = device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -69,7 +75,7 @@ class StaticDecoder:
             raise DuoCacheError(f"the static cache is full ({self.cache.capacity} tokens)")
         if self.graph is None:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # recorded, not run: the host counters are not advanced here
+            with torch.cuda.graph(self.graph):  # recorded, not run: the host counter is not advanced here
                 self.graph_logits = self._forward()[:, -1]
         self.graph.replay()
         self.cache.advance_host(1)
@@ -82,7 +88,7 @@ def compile_decoder_modules(model: torch.nn.Module) -> None:
     A decode step of a 7B model is hundreds of tiny element-wise kernels (RMSNorm alone is six per call); fused, they
     cost far fewer launches inside the captured graph. Every layer shares one compiled graph per module type.
     """
-    from .patch import decoder_layers
+    from .models import decoder_layers
 
     for layer in decoder_layers(model):
         for name in ("input_layernorm", "post_attention_layernorm", "mlp"):
@@ -103,8 +109,8 @@ def generate(
 ) -> torch.Tensor:
     """Greedy decoding with duo attention; returns the ``[B, max_new_tokens]`` new ids (after ``eos_token_id`` a
     sequence repeats it). The prompt is pre-filled in chunks of ``prefill_chunk`` tokens (only the last position's
-    logits are computed); decoding uses a static cache sized for prompt + new tokens and, on a GPU, a CUDA graph
-    (``cuda_graph=False`` turns it off).
+    logits are computed) into a `StaticDuoCache` sized for prompt + new tokens; each step is a `StaticDecoder` call
+    (a CUDA-graph replay on a GPU; ``cuda_graph=False`` turns it off).
     """
     if getattr(model, "duo_attention", None) is None:
         raise DuoCacheError("the model is not patched: call enable_duo_attention_eval(model, pattern) first")
@@ -119,8 +125,8 @@ def generate(
         raise ValueError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(input_ids.shape)}")
     if not bool(mask[:, -1].all()):
         raise ValueError("generate expects left padding: the last column of attention_mask must be all ones")
-    cache = DuoCache.for_model(model)
     length = input_ids.shape[1]
+    cache = StaticDuoCache.for_model(model, length + max_new_tokens)
     positions = positions_from_padding(mask, length, device).clamp(min=0)  # padding's outputs are never used
     for start in range(0, length, prefill_chunk):
         end = min(start + prefill_chunk, length)
@@ -132,25 +138,13 @@ def generate(
     token = logits.argmax(-1, keepdim=True)
     done = torch.zeros_like(token, dtype=torch.bool)
     generated = [token]
-    sink = model.duo_attention.sink_size
-    decoder = None
+    decoder = StaticDecoder(model, cache, cuda_graph)
     for step in range(1, max_new_tokens):
         if eos_token_id is not None:
             done |= token == eos_token_id
             if step % 8 == 0 and bool(done.all()):
                 break
-        if decoder is None and bool((cache.real_seen >= sink).all()):
-            cache.make_static(length + max_new_tokens)
-            decoder = StaticDecoder(model, cache, cuda_graph)
-        if decoder is None:  # a prompt shorter than the sink: its first tokens are decoded dynamically
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            logits = model(
-                input_ids=token, attention_mask=mask, position_ids=cache.real_seen[:, None].clone(),
-                **cache_kwargs(model, cache), use_cache=True,
-            ).logits[:, -1]
-        else:
-            logits = decoder(token)
-        token = logits.argmax(-1, keepdim=True)
+        token = decoder(token).argmax(-1, keepdim=True)
         if eos_token_id is not None:
             token = token.masked_fill(done, eos_token_id)
         generated.append(token)

@@ -39,6 +39,20 @@ class HeadLayout:
             self._memo["retrieval_first"] = self.retrieval_kv == tuple(range(len(self.retrieval_kv)))
         return self._memo["retrieval_first"]
 
+    def warm(self, device: torch.device) -> None:
+        """Fill every memo entry the attention reads, while eager: a compiled step that found one missing would add
+        it, and the changed dict would fail that step's guards (traced again at the next step)."""
+        _ = self.retrieval_first
+        for kv_heads in (self.retrieval_kv, self.streaming_kv):
+            if kv_heads:
+                for heads, total in ((kv_heads, self.num_kv_heads), (self.query_heads(kv_heads), self.num_q_heads)):
+                    if self.head_slice(heads, total) is None:
+                        self.device_index(heads, device)
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.num_kv_heads * self.groups
+
     def query_heads(self, kv_heads: tuple[int, ...]) -> tuple[int, ...]:
         key = ("query", kv_heads)
         if key not in self._memo:

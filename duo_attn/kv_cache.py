@@ -5,8 +5,9 @@ patched model's pre-hook plans each forward pass once (`DuoCache.begin_step`), a
 over tensors. Two layer types over the same buffers, as transformers separates ``DynamicLayer`` and ``StaticLayer``:
 
 - `DuoCacheLayer`: retrieval buffers grow in blocks; any chunk length; beam search reorders it.
-- `StaticDuoCacheLayer` (after `DuoCache.make_static`): buffers reserved up front, one token per step written at
-  device-side indices, so a decode step can be captured in a CUDA graph (see generate.py).
+- `StaticDuoCacheLayer` (of a `StaticDuoCache`): buffers reserved for a fixed capacity at the first pre-fill, whose
+  addresses never change; a decode step writes its token at device-side indices, so the step can be compiled by
+  transformers' ``generate`` or captured in a CUDA graph (generate.py) and replayed.
 
 Storage and transformers' Cache API only: which kernel attends over what a layer hands over is attention.py's choice.
 """
@@ -21,9 +22,12 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import DuoCacheError
 from .heads import HeadLayout, select_heads
-from .plan import GROWTH_BLOCK, CacheState, DuoStep, DynamicPlanner, StaticPlanner, StaticStep, round_up
+from .plan import GROWTH_BLOCK, CacheState, DuoStep, DynamicPlanner, StaticPlanner, StaticStep, mark_static, round_up
 
-__all__ = ["GROWTH_BLOCK", "DuoCache", "DuoCacheLayer", "DuoKV", "StaticDuoCacheLayer", "StaticDuoKV", "round_up"]
+__all__ = [
+    "GROWTH_BLOCK", "DuoCache", "DuoCacheLayer", "DuoKV", "StaticDuoCache", "StaticDuoCacheLayer", "StaticDuoKV",
+    "round_up",
+]  # fmt: skip
 
 
 @dataclass
@@ -74,12 +78,46 @@ class _DuoLayerStorage(CacheLayerMixin):
             self.stream_values = value_states.new_zeros(shape)
         self.is_initialized = True
 
-    def _adopt(self, other: _DuoLayerStorage) -> None:
-        """Take over another layer's buffers (a switch between the dynamic and the static type)."""
-        for name in ("full_keys", "full_values", "stream_keys", "stream_values", "is_initialized"):
-            setattr(self, name, getattr(other, name))
-        if other.is_initialized:
-            self.dtype, self.device = other.dtype, other.device
+    def _attend_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor, step: DuoStep, start: int):
+        """Write a planned chunk (retrieval heads at ``[start, start + n)``, streaming heads into their slots) and
+        return what it attends over."""
+        layout, total = self.layout, self.layout.num_kv_heads
+        full_k = full_v = stream_k = stream_v = None
+        if layout.retrieval_kv:
+            self._write_full(
+                select_heads(key_states, layout.retrieval_kv, total, layout),
+                select_heads(value_states, layout.retrieval_kv, total, layout),
+                start,
+            )
+            end = start + step.num_new
+            full_k, full_v = self.full_keys[:, :, :end], self.full_values[:, :, :end]
+        if layout.streaming_kv:
+            new_k = select_heads(key_states, layout.streaming_kv, total, layout)
+            new_v = select_heads(value_states, layout.streaming_kv, total, layout)
+            if step.concat_streaming:
+                stream_k = torch.cat([self.stream_keys, new_k], dim=2)
+                stream_v = torch.cat([self.stream_values, new_v], dim=2)
+                self._write_streaming(new_k, new_v, step)
+            else:
+                self._write_streaming(new_k, new_v, step)
+                stream_k, stream_v = self.stream_keys, self.stream_values
+        return (DuoKV(layout, step, full_k, full_v, stream_k, stream_v),) * 2
+
+    def _write_streaming(self, new_k: torch.Tensor, new_v: torch.Tensor, step: DuoStep) -> None:
+        if step.ring_dst is not None:
+            src = step.ring_src
+            self.stream_keys.index_copy_(2, step.ring_dst, new_k.index_select(2, src) if src is not None else new_k)
+            self.stream_values.index_copy_(2, step.ring_dst, new_v.index_select(2, src) if src is not None else new_v)
+        if step.sink_writes is not None:
+            b, t, s = step.sink_writes
+            self.stream_keys[b, :, s] = new_k[b, :, t]
+            self.stream_values[b, :, s] = new_v[b, :, t]
+
+    def _map_batch(self, fn) -> None:
+        for name in ("full_keys", "full_values", "stream_keys", "stream_values"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -127,45 +165,17 @@ class DuoCacheLayer(_DuoLayerStorage):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        layout, total = self.layout, self.layout.num_kv_heads
-        full_k = full_v = stream_k = stream_v = None
-        if layout.retrieval_kv:
-            self._append_full(
-                select_heads(key_states, layout.retrieval_kv, total, layout),
-                select_heads(value_states, layout.retrieval_kv, total, layout),
-            )
-            end = self.length + step.num_new
-            full_k, full_v = self.full_keys[:, :, :end], self.full_values[:, :, :end]
-        if layout.streaming_kv:
-            new_k = select_heads(key_states, layout.streaming_kv, total, layout)
-            new_v = select_heads(value_states, layout.streaming_kv, total, layout)
-            if step.concat_streaming:
-                stream_k = torch.cat([self.stream_keys, new_k], dim=2)
-                stream_v = torch.cat([self.stream_values, new_v], dim=2)
-                self._write_streaming(new_k, new_v, step)
-            else:
-                self._write_streaming(new_k, new_v, step)
-                stream_k, stream_v = self.stream_keys, self.stream_values
+        kv = self._attend_chunk(key_states, value_states, step, self.length)
         self.length += step.num_new
-        return (DuoKV(layout, step, full_k, full_v, stream_k, stream_v),) * 2
+        return kv
 
-    def _append_full(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        end = self.length + keys.shape[2]
+    def _write_full(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        end = start + keys.shape[2]
         if self.full_keys is None or end > self.full_keys.shape[2]:
-            self.full_keys = _grow(self.full_keys, self.length, round_up(end), keys)
-            self.full_values = _grow(self.full_values, self.length, round_up(end), values)
-        self.full_keys[:, :, self.length : end] = keys
-        self.full_values[:, :, self.length : end] = values
-
-    def _write_streaming(self, new_k: torch.Tensor, new_v: torch.Tensor, step: DuoStep) -> None:
-        if step.ring_dst is not None:
-            src = step.ring_src
-            self.stream_keys.index_copy_(2, step.ring_dst, new_k.index_select(2, src) if src is not None else new_k)
-            self.stream_values.index_copy_(2, step.ring_dst, new_v.index_select(2, src) if src is not None else new_v)
-        if step.sink_writes is not None:
-            b, t, s = step.sink_writes
-            self.stream_keys[b, :, s] = new_k[b, :, t]
-            self.stream_values[b, :, s] = new_v[b, :, t]
+            self.full_keys = _grow(self.full_keys, start, round_up(end), keys)
+            self.full_values = _grow(self.full_values, start, round_up(end), values)
+        self.full_keys[:, :, start:end] = keys
+        self.full_values[:, :, start:end] = values
 
     def reserve(self, total_tokens: int) -> None:
         """Pre-allocate the retrieval cache for ``total_tokens`` tokens (no growth copies while decoding)."""
@@ -181,12 +191,6 @@ class DuoCacheLayer(_DuoLayerStorage):
         self.full_keys = self.full_values = self.stream_keys = self.stream_values = None
         self.is_initialized = False
 
-    def _map_batch(self, fn) -> None:
-        for name in ("full_keys", "full_values", "stream_keys", "stream_values"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
@@ -198,30 +202,79 @@ class DuoCacheLayer(_DuoLayerStorage):
 
 
 class StaticDuoCacheLayer(_DuoLayerStorage):
-    """A static layer: buffers reserved for the cache's capacity, one token per step written at the step's
-    device-side indices; the whole buffers are handed over and the step says which keys are valid."""
+    """A static layer: buffers reserved for ``capacity`` tokens at the first pre-fill, at fixed addresses. Pre-fill
+    chunks are written like a dynamic layer's; a decode step writes its token at the step's device-side indices
+    (retrieval index, ring slot and, while a sequence is short, its sink slot) and hands over the whole buffers."""
+
+    is_compileable = True
+
+    def __init__(self, layout: HeadLayout, state: CacheState, capacity: int):
+        super().__init__(layout, state)
+        self.capacity = capacity
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, _, _, head_dim = key_states.shape
+        if self.layout.retrieval_kv:
+            shape = (batch, len(self.layout.retrieval_kv), self.capacity, head_dim)
+            self.full_keys = key_states.new_zeros(shape)  # zeros: a masked key must still be finite
+            self.full_values = value_states.new_zeros(shape)
+        mark_static(self.full_keys, self.full_values, self.stream_keys, self.stream_values)
+        self.layout.warm(key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         step = self.state.step
-        if not isinstance(step, StaticStep) or key_states.shape[-2] != 1:
-            raise DuoCacheError("a static cache decodes one planned token per step; call make_dynamic() first")
+        if step is None:
+            raise DuoCacheError("this StaticDuoCache reached a layer without a planned step (an unpatched model?)")
+        if not isinstance(step, StaticStep):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            return self._attend_chunk(key_states, value_states, step, step.cached_before)
+        if not self.is_initialized:
+            raise DuoCacheError("a static decode step needs a pre-filled cache")
         layout, total = self.layout, self.layout.num_kv_heads
         if layout.retrieval_kv:
             for buffer, new in ((self.full_keys, key_states), (self.full_values, value_states)):
                 buffer.index_copy_(2, step.write_index, select_heads(new, layout.retrieval_kv, total, layout))
-        if layout.streaming_kv and step.ring_dst is not None:
+        if layout.streaming_kv:
             for buffer, new in ((self.stream_keys, key_states), (self.stream_values, value_states)):
-                buffer.index_copy_(2, step.ring_dst, select_heads(new, layout.streaming_kv, total, layout))
+                new = select_heads(new, layout.streaming_kv, total, layout)
+                if step.ring_dst is not None:
+                    buffer.index_copy_(2, step.ring_dst, new)
+                if step.is_sink is not None:  # per sequence: write the token, or put back what the slot holds
+                    index = step.sink_slot[:, None, :, None].expand(new.shape)
+                    buffer.scatter_(2, index, torch.where(step.is_sink[:, None, None, None], new, buffer.gather(2, index)))
         kv = StaticDuoKV(layout, step, self.full_keys, self.full_values, self.stream_keys, self.stream_values)
         return kv, kv
 
+    def _write_full(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        end = start + keys.shape[2]
+        self.full_keys[:, :, start:end] = keys
+        self.full_values[:, :, start:end] = values
+
     def get_seq_length(self) -> int:
-        return self.state.seen  # advanced when a step is planned (or, for graph replays, by DuoCache.advance_host)
+        return self.state.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Only the new tokens' padding column: the cache records positions itself, and a mask of constant shape
+        keeps a compiled decode step from being traced again at every step."""
+        return query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """In place: the buffers keep their addresses (a compiled or captured step holds them)."""
+        self._map_batch(lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))))
 
     def _refuse(self, *args) -> None:
-        raise DuoCacheError("a static cache cannot be reordered or resized by batch; call make_dynamic() first")
+        raise DuoCacheError("a static DuoCache has a fixed batch size: it cannot be repeated or sub-selected")
 
-    reorder_cache = batch_repeat_interleave = batch_select_indices = _refuse
+    batch_repeat_interleave = batch_select_indices = _refuse
+
+    def reset(self) -> None:
+        self.full_keys = self.full_values = self.stream_keys = self.stream_values = None
+        self.is_initialized = False
 
 
 def _grow(old: torch.Tensor | None, used: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
@@ -245,7 +298,7 @@ class DuoCache(Cache):
         self.sink_size, self.recent_size = int(sink_size), int(recent_size)
         self.num_attention_heads = num_attention_heads
         self.state = CacheState(self.sink_size, self.recent_size)
-        self.planner: DynamicPlanner | StaticPlanner = DynamicPlanner(self.state)
+        self.planner = self._new_planner()
         layers = [DuoCacheLayer(HeadLayout.from_mask(row, num_attention_heads), self.state) for row in mask]
         super().__init__(layers=layers)
 
@@ -274,68 +327,6 @@ class DuoCache(Cache):
         """``[B]`` real tokens per sequence."""
         return self.state.real_seen
 
-    # -- static decoding ------------------------------------------------------------------------------------------
-    @property
-    def is_static(self) -> bool:
-        return isinstance(self.planner, StaticPlanner)
-
-    @property
-    def capacity(self) -> int | None:
-        """Tokens the reserved buffers hold while static; None while dynamic."""
-        return self.planner.capacity if self.is_static else None
-
-    @property
-    def static_step(self) -> StaticStep | None:
-        """The device buffers every static step rewrites in place (the inputs a captured step reads)."""
-        return self.planner.step if self.is_static else None
-
-    def make_static(self, capacity: int) -> None:
-        """Decode with static shapes from now on: every retrieval buffer is reserved for ``capacity`` tokens (rounded
-        up to a growth block) and the step's counters move to device tensors updated in place, so that one decode
-        step can be captured in a CUDA graph and replayed. Needs a pre-fill first, with every sequence past its sink
-        tokens; while static, each forward pass must be one token per sequence. `make_dynamic` switches back.
-        """
-        st = self.state
-        if st.real_seen is None:
-            raise DuoCacheError("make_static needs a pre-filled cache: run the prompt through the model first")
-        if self.is_static:
-            raise DuoCacheError("the cache is already static")
-        if capacity <= st.seen:
-            raise DuoCacheError(f"capacity {capacity} leaves no room: the cache already holds {st.seen} tokens")
-        if self.sink_size and not bool((st.real_seen >= self.sink_size).all()):
-            raise DuoCacheError(
-                f"every sequence needs at least sink_size={self.sink_size} real tokens before static decoding; "
-                f"the shortest has {int(st.real_seen.min())} (decode the first tokens dynamically)"
-            )
-        capacity = round_up(capacity)
-        self.reserve(capacity)
-        layers = []
-        for layer in self.layers:
-            for buffer in (layer.full_keys, layer.full_values):  # unwritten slots must be finite: a masked key
-                if buffer is not None:  # still meets a 0 weight
-                    buffer[:, :, st.seen :].zero_()
-            static = StaticDuoCacheLayer(layer.layout, st)
-            static._adopt(layer)
-            layers.append(static)
-        self.layers = layers
-        self.planner = StaticPlanner(st, capacity)
-
-    def make_dynamic(self) -> None:
-        """Leave static decoding (the reserved buffers stay); pre-fill chunks are accepted again."""
-        layers = []
-        for layer in self.layers:
-            dynamic = DuoCacheLayer(layer.layout, self.state)
-            dynamic._adopt(layer)
-            dynamic.length = self.state.seen
-            layers.append(dynamic)
-        self.layers = layers
-        self.planner = DynamicPlanner(self.state)
-        self.state.step = None
-
-    def advance_host(self, steps: int) -> None:
-        """Count ``steps`` decode steps run on the device (replays of a captured step) in the host-side length."""
-        self.state.seen += steps
-
     # -- transformers Cache API ----------------------------------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
@@ -345,7 +336,7 @@ class DuoCache(Cache):
         return False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)  # a static layer refuses before anything is changed
+        super().reorder_cache(beam_idx)
         self.state.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -357,13 +348,14 @@ class DuoCache(Cache):
         self.state.map_batch(lambda t: t[indices])
 
     def reset(self) -> None:
-        if self.is_static:
-            self.make_dynamic()
         super().reset()
         self.state = CacheState(self.sink_size, self.recent_size)
-        self.planner = DynamicPlanner(self.state)
+        self.planner = self._new_planner()
         for layer in self.layers:
             layer.state = self.state
+
+    def _new_planner(self) -> DynamicPlanner | StaticPlanner:
+        return DynamicPlanner(self.state)
 
     def reserve(self, total_tokens: int) -> None:
         """Pre-allocate every retrieval cache for ``total_tokens`` tokens (call after the first forward pass)."""
@@ -373,3 +365,56 @@ class DuoCache(Cache):
     def nbytes(self, allocated: bool = False) -> int:
         """Bytes of K/V held by all layers (the used part by default; ``allocated=True`` counts growth blocks)."""
         return sum(layer.nbytes(allocated) for layer in self.layers)
+
+
+class StaticDuoCache(DuoCache):
+    """A compileable `DuoCache` for ``capacity`` tokens (padding included; rounded up to a growth block).
+
+    transformers' ``generate`` compiles its decode step for it (``enable_duo_attention_eval(compile_generate=True)``
+    makes generate build one where it would compile), and `generate.StaticDecoder` captures its step in a CUDA graph.
+    Pre-fill chunks of any length are accepted; a decode step is one real token per sequence.
+    """
+
+    def __init__(
+        self, retrieval_mask: np.ndarray, sink_size: int, recent_size: int, num_attention_heads: int, capacity: int
+    ):
+        self.capacity = round_up(capacity)
+        super().__init__(retrieval_mask, sink_size, recent_size, num_attention_heads)
+        self.layers = [StaticDuoCacheLayer(layer.layout, self.state, self.capacity) for layer in self.layers]
+
+    @classmethod
+    def for_model(cls, model, capacity: int) -> StaticDuoCache:  # type: ignore[override]
+        """A fresh compileable cache for ``capacity`` tokens, for a model patched by `enable_duo_attention_eval`."""
+        state = getattr(model, "duo_attention", None)
+        if state is None:
+            raise DuoCacheError("the model is not patched: call enable_duo_attention_eval(model, pattern) first")
+        return state.new_cache(capacity)
+
+    def _new_planner(self) -> StaticPlanner:
+        return StaticPlanner(self.state, self.capacity)
+
+    @property
+    def static_step(self) -> StaticStep | None:
+        """The device buffers every decode step rewrites in place (the inputs a captured step reads); None before the
+        first pre-fill."""
+        return self.planner.step
+
+    def advance_host(self, steps: int) -> None:
+        """Count ``steps`` decode steps replayed on the device in the host-side length."""
+        self.state.seen += steps
+
+    def get_seq_length(self, layer_idx: int = 0) -> int | torch.Tensor:
+        """A device tensor once filled, as transformers' static layers do: reading it costs no synchronisation, and a
+        compiled step does not specialise on it."""
+        step = self.planner.step
+        return 0 if step is None else step.length[0]
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.capacity
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """In place (see `StaticDuoCacheLayer.reorder_cache`)."""
+        Cache.reorder_cache(self, beam_idx)
+        for tensor in (self.state.real_seen, self.state.slot_pos, self.state.key_pos):
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))

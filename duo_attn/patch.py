@@ -17,14 +17,24 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.masking_utils import AttentionMaskInterface
 
 from .attention import ATTENTION_NAME, ForwardFlags, LayerSpec, duo_attention_forward, duo_padding_mask
-from .compat import cache_argument, take_cache, version_note, warn_if_untested
+from .compat import (
+    cache_argument,
+    install_generate_cache,
+    padding_mask_of,
+    take_cache,
+    uninstall_generate_cache,
+    user_cache_given,
+    warn_if_untested,
+)
 from .errors import DuoCacheError, ModelError, PatternError
 from .heads import HeadLayout, can_permute_heads, permute_heads
-from .kv_cache import DuoCache
+from .kv_cache import DuoCache, StaticDuoCache
 from .masks import check_padding_mask
+from .models import decoder_layers
 from .patterns import check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -44,6 +54,7 @@ class DuoAttentionState:
     head_orders: list[np.ndarray] | None = None  # per layer, the KV-head permutation applied to the weights
     cache_arg: str = "past_key_values"  # the name the base model's forward takes the cache under (compat.py)
     installed: InstalledAttention | None = field(repr=False, default=None)
+    static_capacity: int = 0  # the largest StaticDuoCache generate made: later calls reuse it (no new trace)
     forward: ForwardFlags = field(default_factory=ForwardFlags, repr=False)  # shared with every layer's spec
     cache_mask: np.ndarray = field(init=False, repr=False)  # the mask in the heads' current order (see below)
 
@@ -60,8 +71,11 @@ class DuoAttentionState:
         """Fraction of KV heads that are streaming heads."""
         return float(1.0 - self.retrieval_mask.mean())
 
-    def new_cache(self) -> DuoCache:
-        return DuoCache(self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads)
+    def new_cache(self, capacity: int | None = None) -> DuoCache:
+        """A dynamic cache, or with ``capacity`` a compileable `StaticDuoCache` for that many tokens."""
+        if capacity is None:
+            return DuoCache(self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads)
+        return StaticDuoCache(self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads, capacity)
 
 
 def resolve_pattern(
@@ -106,15 +120,6 @@ def resolve_pattern(
     else:
         mask = sparsify_attention_heads(gates, sparsity=sparsity, threshold=threshold)[0]
     return mask, int(sink), int(recent)
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The decoder layers of a causal LM (or of its base model), where each attention module lives."""
-    base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ModelError(f"{type(model).__name__} has no decoder layers where duo attention expects them")
-    return list(layers)
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -194,6 +199,7 @@ def enable_duo_attention_eval(
     sink_size: int | None = None,
     recent_size: int | None = None,
     reorder_heads: bool = True,
+    compile_generate: bool = True,
 ) -> DuoAttentionState:
     """Patch ``model`` in place for DuoAttention inference; ``model(...)`` and ``model.generate(...)`` then use it.
 
@@ -204,6 +210,11 @@ def enable_duo_attention_eval(
     ``reorder_heads``: permute each layer's projection weights so that its retrieval heads come first (the model's
     outputs do not change). Each head group is then a contiguous slice: no gathers and no merge per layer and step.
     Layers whose projections are not plain linear layers keep their order. Undone by `disable_duo_attention`.
+
+    ``compile_generate``: wherever transformers' ``generate`` would compile its decode step (on CUDA by default; with
+    ``cache_implementation="static"`` anywhere), it gets a `StaticDuoCache` sized for the call, so its steps run
+    compiled (CUDA graphs in transformers' default reduce-overhead mode). ``False``: ``generate`` always decodes
+    eagerly on the dynamic `DuoCache`. Per call, ``disable_compile=True`` does the same.
     """
     _check_model(model)
     mode = getattr(model, "duo_attention_mode", None)
@@ -244,6 +255,8 @@ def enable_duo_attention_eval(
     groups = config.num_attention_heads // config.num_key_value_heads
     for layer, order in zip(layers, head_orders or []):
         permute_heads(layer.self_attn, order, groups)
+    if compile_generate:
+        install_generate_cache(model, _static_cache_for_generate(model, state))
     model.duo_attention = state
     return state
 
@@ -258,7 +271,37 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
         for layer, order in zip(decoder_layers(model), state.head_orders):
             permute_heads(layer.self_attn, np.argsort(order), groups)
     state.installed.uninstall()
+    uninstall_generate_cache(model)
     del model.duo_attention
+
+
+COMPILED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH,
+                  GenerationMode.BEAM_SAMPLE)  # fmt: skip
+COMPILE_DEVICES = ("cuda", "xpu")  # where transformers auto-compiles (its list also has neuron/tpu; not supported)
+
+
+def _static_cache_for_generate(model: torch.nn.Module, state: DuoAttentionState):
+    """generate's cache factory: a `StaticDuoCache` where generate would compile with one (or was asked for a static
+    cache); None leaves the call to transformers (then the pre-hook supplies a dynamic DuoCache)."""
+
+    def factory(generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        implementation = generation_config.cache_implementation
+        if user_cache_given(model, model_kwargs) or generation_config.use_cache is False:
+            return None
+        if implementation not in (None, "static") or generation_mode not in COMPILED_MODES:
+            return None
+        if implementation is None:
+            compile_config = generation_config.compile_config
+            compiles = model.device.type in COMPILE_DEVICES or bool(
+                compile_config is not None and compile_config._compile_all_devices
+            )
+            if generation_config.disable_compile or not compiles:
+                return None
+        # one capacity across calls (the largest so far): a new size would trace the compiled step again
+        state.static_capacity = max(max_cache_length, generation_config.max_cache_len or 0, state.static_capacity)
+        return state.new_cache(state.static_capacity)
+
+    return factory
 
 
 def _prepare_duo_cache(state: DuoAttentionState):
@@ -268,7 +311,7 @@ def _prepare_duo_cache(state: DuoAttentionState):
     """
 
     def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        padding_mask = kwargs.get("attention_mask")
+        padding_mask = padding_mask_of(kwargs)
         inputs = kwargs.get("input_ids", args[0] if args else None)
         if inputs is None:
             inputs = kwargs["inputs_embeds"]

@@ -59,7 +59,8 @@ class DuoStep:
 
 @dataclass
 class StaticStep:
-    """A one-token decode step whose inputs are device buffers, rewritten in place by `StaticPlanner.plan`."""
+    """A one-token decode step whose inputs are device buffers with fixed addresses, rewritten in place by
+    `StaticPlanner`: a step captured in a CUDA graph (or compiled) reads their current values when replayed."""
 
     length: torch.Tensor  # [1] int32: valid keys in the retrieval buffers after this step's write
     write_index: torch.Tensor  # [1] long: cache index of this step's token
@@ -68,11 +69,18 @@ class StaticStep:
     key_pos: torch.Tensor | None  # [B, capacity]: positions of the cached tokens (-1 = padding); None: no padding
     slot_pos: torch.Tensor  # [B, slots]: position in each streaming slot, -1 = empty
     num_slots: torch.Tensor  # [1] int32: sink + recent, the streaming buffers' length
+    sink_slot: torch.Tensor | None  # [B, 1] long: the token's sink slot (clamped; written only where is_sink)
+    is_sink: torch.Tensor | None  # [B] bool: the token is among its sequence's first sink_size real tokens;
+    # both None once every sequence has its sinks, and the step skips the sink write
     num_new: int = 1
 
     @property
     def position_ids(self) -> torch.Tensor:
-        return self.query_pos  # a device buffer: a captured step reads its current value
+        return self.query_pos
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.length, self.write_index, self.ring_dst, self.query_pos, self.key_pos, self.slot_pos,
+                self.num_slots, self.sink_slot, self.is_sink)  # fmt: skip
 
 
 class CacheState:
@@ -176,52 +184,110 @@ class DynamicPlanner:
         return batch_idx, chunk_idx, slot_idx
 
 
+def mark_static(*tensors: torch.Tensor | None) -> None:
+    """Fixed addresses for torch.compile's CUDA graphs: the compiled step reads and mutates these in place."""
+    if torch.compiler.is_compiling():
+        return
+    for tensor in tensors:
+        if tensor is not None:
+            torch._dynamo.mark_static_address(tensor)
+
+
+def _capturing_or_compiling() -> bool:
+    """Inside a CUDA-graph capture or a torch.compile trace: no host synchronisation, no host counters."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 class StaticPlanner:
-    """Plans one-token decode steps over buffers reserved for ``capacity`` tokens, with no host synchronisation and
-    no tensor that outlives the step: a captured step stays valid when it is replayed."""
+    """Plans for buffers reserved for ``capacity`` tokens. Pre-fill chunks are planned eagerly (`DynamicPlanner`
+    over the reserved record); one-token steps touch only device tensors with fixed addresses, sinks included, so a
+    step can be captured or compiled once and replayed: it reads no Python number that changes and creates no
+    tensor that outlives it. Host counters are not advanced by replays; the next pre-fill re-reads them."""
 
     def __init__(self, state: CacheState, capacity: int):
-        """``capacity`` is already rounded and reserved by the cache; the state must be past every sequence's sinks."""
         self.state, self.capacity = state, capacity
-        key_pos = state.key_pos.new_full((state.key_pos.shape[0], capacity), -1)
-        key_pos[:, : state.seen] = state.key_pos[:, : state.seen]
-        state.key_pos = key_pos
-        state.sinks_filled = True
-        device, batch = state.real_seen.device, state.real_seen.shape[0]
-        self.step = StaticStep(
-            length=torch.tensor([state.seen], dtype=torch.int32, device=device),
-            write_index=torch.zeros(1, dtype=torch.long, device=device),
-            ring_dst=torch.zeros(1, dtype=torch.long, device=device) if state.recent_size else None,
-            query_pos=torch.zeros(batch, 1, dtype=torch.long, device=device),
-            key_pos=state.key_pos if state.has_padding else None,
-            slot_pos=state.slot_pos,
-            num_slots=torch.tensor([state.num_slots], dtype=torch.int32, device=device),
-        )
+        self.chunks = DynamicPlanner(state)
+        self.step: StaticStep | None = None  # the decode step's device tensors, made by the first pre-fill
+        self._real_seen: torch.Tensor | None = None  # the record's per-sequence counts, at a fixed address
 
-    def plan(
-        self, padding_mask: torch.Tensor | None, num_new: int, batch_size: int, device: torch.device
-    ) -> StaticStep:
-        """Advance the device-side counters in place."""
+    def plan(self, padding_mask: torch.Tensor | None, num_new: int, batch_size: int, device: torch.device):
+        if num_new == 1 and self.step is not None:
+            return self._decode(padding_mask, batch_size)
+        return self._prefill(padding_mask, num_new, batch_size, device)
+
+    @torch.compiler.disable
+    def _prefill(self, padding_mask: torch.Tensor | None, num_new: int, batch_size: int, device: torch.device):
+        st = self.state
+        if self.step is not None:
+            st.seen = int(self.step.length)  # replays and compiled steps advanced only the device counter
+        if st.seen + num_new > self.capacity:
+            raise DuoCacheError(f"the static DuoCache holds {self.capacity} tokens; {st.seen + num_new} needed")
+        if st.key_pos is None:  # the whole record at once: it never grows, its address never changes
+            st.key_pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)
+            mark_static(st.key_pos)
+        chunk = self.chunks.plan(padding_mask, num_new, batch_size, device)
+        step = self.step or self._new_step(batch_size, device)
+        chunk.slot_pos_before = chunk.slot_pos_before.clone()  # the fixed tensor is rewritten below
+        # the chunk planner made new tensors: copy them into the fixed ones
+        st.real_seen = self._real_seen.copy_(st.real_seen)
+        st.slot_pos = step.slot_pos.copy_(st.slot_pos)
+        step.length.fill_(st.seen)
+        step.key_pos = st.key_pos if st.has_padding else None
+        if st.sink_size and not st.sinks_filled:  # after this chunk (the chunk planner looked before it)
+            st.sinks_filled = bool((st.real_seen >= st.sink_size).all())
+        if st.sinks_filled or not st.sink_size:
+            step.sink_slot = step.is_sink = None
+        self.step = step
+        return chunk
+
+    def _new_step(self, batch: int, device: torch.device) -> StaticStep:
+        st = self.state
+        long = dict(dtype=torch.long, device=device)
+        self._real_seen = torch.zeros(batch, **long)
+        step = StaticStep(
+            length=torch.zeros(1, dtype=torch.int32, device=device),
+            write_index=torch.zeros(1, **long),
+            ring_dst=torch.zeros(1, **long) if st.recent_size else None,
+            query_pos=torch.zeros(batch, 1, **long),
+            key_pos=None,
+            slot_pos=torch.full((batch, st.num_slots), -1, **long),
+            num_slots=torch.tensor([st.num_slots], dtype=torch.int32, device=device),
+            sink_slot=torch.zeros(batch, 1, **long) if st.sink_size else None,
+            is_sink=torch.zeros(batch, dtype=torch.bool, device=device) if st.sink_size else None,
+        )
+        mark_static(self._real_seen, *step.tensors())
+        return step
+
+    def _decode(self, padding_mask: torch.Tensor | None, batch_size: int) -> StaticStep:
+        """One real token per sequence, all bookkeeping in place on the device. Eager calls also check the batch,
+        the padding column and the capacity (they need the host)."""
         st, step = self.state, self.step
-        if num_new != 1:
-            raise DuoCacheError(f"a static cache decodes one token per step, got {num_new}; call make_dynamic() first")
         if batch_size != step.query_pos.shape[0]:
             raise DuoCacheError(f"the cache holds a batch of {step.query_pos.shape[0]}, the input has {batch_size}")
-        if st.seen >= self.capacity:
-            raise DuoCacheError(f"the static cache is full ({self.capacity} tokens); reserve more with make_static")
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if padding_mask is not None and not capturing and not bool(padding_mask[:, -1].all()):
-            raise DuoCacheError("static decoding takes real tokens only: the last column of attention_mask has a 0")
+        eager = not _capturing_or_compiling()
+        if eager:
+            if padding_mask is not None and not bool(padding_mask[:, -1].all()):
+                raise DuoCacheError("static decoding takes real tokens only: the last column of attention_mask has a 0")
+            if st.seen >= self.capacity:
+                raise DuoCacheError(f"the static DuoCache is full ({self.capacity} tokens)")
         step.write_index.copy_(step.length)
         step.length.add_(1)
         step.query_pos.copy_(st.real_seen[:, None])
-        st.key_pos.index_copy_(1, step.write_index, step.query_pos)
+        if step.key_pos is not None:
+            step.key_pos.index_copy_(1, step.write_index, step.query_pos)
         if step.ring_dst is not None:
-            torch.remainder(step.write_index, st.recent_size, out=step.ring_dst)
-            step.ring_dst.add_(st.sink_size)
-            st.slot_pos.index_copy_(1, step.ring_dst, step.query_pos)
+            step.ring_dst.copy_(step.write_index % st.recent_size + st.sink_size)
+            in_ring = step.query_pos if step.is_sink is None else step.query_pos.masked_fill(
+                step.query_pos < st.sink_size, -1
+            )  # a sink token's ring slot stays empty (it is kept in its sink slot)
+            st.slot_pos.index_copy_(1, step.ring_dst, in_ring)
+        if step.is_sink is not None:
+            step.is_sink.copy_(step.query_pos[:, 0] < st.sink_size)
+            step.sink_slot.copy_(step.query_pos.clamp(max=st.sink_size - 1))
+            kept = torch.where(step.is_sink[:, None], step.query_pos, st.slot_pos.gather(1, step.sink_slot))
+            st.slot_pos.scatter_(1, step.sink_slot, kept)
         st.real_seen.add_(1)
         st.step = step
-        if not capturing:  # a captured step advances the host counter when it is replayed (DuoCache.advance_host)
+        if eager:
             st.seen += 1
         return step

@@ -134,9 +134,15 @@ def _filled_dynamic_cache(model):
     return cache
 
 
-def test_generate_with_another_cache_implementation_is_refused():
+def test_generate_s_static_cache_is_a_static_duo_cache_or_refused():
     model = _patched()
     ids = torch.randint(1, model.config.vocab_size, (1, 8)).to(DEVICE)
+    dynamic = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    static = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(static, dynamic) and model.duo_attention.static_capacity > 0
+    cfg = model.config
+    enable_duo_attention_eval(model, np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads)), sink_size=SINK,
+                              recent_size=RECENT, compile_generate=False)  # fmt: skip
     with pytest.raises(DuoCacheError, match="must live in a DuoCache"):
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
 

@@ -8,7 +8,7 @@ from duo_reference import DEVICE, chunked_logits, device_model, oracle_logits, o
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from duo_attn import DuoCache, DuoCacheError, disable_duo_attention, enable_duo_attention_eval
+from duo_attn import DuoCache, DuoCacheError, StaticDuoCache, disable_duo_attention, enable_duo_attention_eval
 from duo_attn.generate import StaticDecoder, generate
 from duo_attn.kernels.decode import triton_decode_attention
 
@@ -61,17 +61,16 @@ def test_static_steps_match_the_oracle(
     oracle = oracle_model(model, mask, sink, recent)
     enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
     try:
-        logits, cache = chunked_logits(model, ids[:, :prompt], padding[:, :prompt], [prompt])
-        cache.make_static(prompt + steps + int(rng.integers(0, 300)))
+        cache = StaticDuoCache.for_model(model, prompt + steps + tail + int(rng.integers(0, 300)))
+        logits, cache = chunked_logits(model, ids[:, :prompt], padding[:, :prompt], [prompt], cache)
         ids_d, padding_d = ids.to(DEVICE), padding.to(DEVICE)
         with torch.no_grad():
             for t in range(prompt, prompt + steps):
                 kwargs = {"attention_mask": padding_d[:, : t + 1]} if pass_mask else {}
                 out = model(input_ids=ids_d[:, t : t + 1], **cache_kwargs(model, cache), use_cache=True, **kwargs)
                 logits = torch.cat([logits, out.logits.cpu()], dim=1)
-        assert cache.get_seq_length() == prompt + steps
-        if back_to_dynamic:
-            cache.make_dynamic()
+        assert int(cache.get_seq_length()) == prompt + steps
+        if back_to_dynamic:  # a chunk after static steps: planned eagerly over the reserved buffers
             end = prompt + steps
             with torch.no_grad():
                 out = model(
@@ -122,23 +121,15 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
     mask[0, 0] = False
     enable_duo_attention_eval(model, mask, sink_size=4, recent_size=4)
     try:
-        cache = DuoCache.for_model(model)
-        with pytest.raises(DuoCacheError, match="pre-filled"):
-            cache.make_static(64)
+        cache = StaticDuoCache.for_model(model, 20)
+        assert cache.capacity % 256 == 0  # rounded up to a growth block
+        with pytest.raises(DuoCacheError, match="pre-filled StaticDuoCache"):
+            StaticDecoder(model, cache)
         ids = torch.randint(1, cfg.vocab_size, (2, 10)).to(DEVICE)
         short = torch.ones_like(ids)
         short[0, :7] = 0
-        _, cache = chunked_logits(model, ids, short, [10])
-        with pytest.raises(DuoCacheError, match="sink_size=4 real tokens"):
-            cache.make_static(64)
-        assert not cache.is_static
-        _, cache = chunked_logits(model, ids, torch.ones_like(ids), [10])
-        with pytest.raises(DuoCacheError, match="no room"):
-            cache.make_static(5)
-        cache.make_static(20)  # rounded up to a growth block
-        assert cache.capacity % 256 == 0 and cache.layers[1].full_keys.shape[2] == cache.capacity
-        with pytest.raises(DuoCacheError, match="one token per step"):
-            model(input_ids=ids[:, :2], **cache_kwargs(model, cache))
+        _, cache = chunked_logits(model, ids, torch.ones_like(ids), [10], cache)
+        assert cache.layers[1].full_keys.shape[2] == cache.capacity
         with pytest.raises(DuoCacheError, match="real tokens only"):
             model(
                 input_ids=ids[:, :1],
@@ -146,17 +137,16 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
                 **cache_kwargs(model, cache),
             )
         before = cache.real_seen.clone()
-        with pytest.raises(DuoCacheError, match="make_dynamic"):
-            cache.reorder_cache(torch.tensor([1, 0]))
-        assert torch.equal(cache.real_seen, before) and cache.get_seq_length() == 10
+        with pytest.raises(DuoCacheError, match="fixed batch size"):
+            cache.batch_repeat_interleave(2)
+        assert torch.equal(cache.real_seen, before) and int(cache.get_seq_length()) == 10
         with pytest.raises(ValueError, match="shape"):
             StaticDecoder(model, cache, cuda_graph=False)(ids[:1, :1])
         cache.planner.capacity = cache.seen  # as if the reserved buffers were used up
         with pytest.raises(DuoCacheError, match="full"):
             model(input_ids=ids[:, :1], **cache_kwargs(model, cache))
-        cache.make_dynamic()
-        with pytest.raises(DuoCacheError, match="make_static"):
-            StaticDecoder(model, cache)
+        with pytest.raises(DuoCacheError, match="DuoCache"):
+            StaticDecoder(model, DuoCache.for_model(model))
         with pytest.raises(ValueError, match="left padding"):
             generate(
                 model, ids, 3, attention_mask=torch.cat([torch.ones_like(short), torch.zeros_like(short)], 1)[:, 5:15]
@@ -215,11 +205,11 @@ def test_cuda_graph_replays_match_eager_static_steps():
     ids = torch.randint(1, cfg.vocab_size, (2, 60), device="cuda")
     results = []
     for graph in (False, True):
-        _, cache = chunked_logits(model, ids[:, :30], torch.ones_like(ids[:, :30]), [30])
-        cache.make_static(60)
+        cache = StaticDuoCache.for_model(model, 60)
+        _, cache = chunked_logits(model, ids[:, :30], torch.ones_like(ids[:, :30]), [30], cache)
         decoder = StaticDecoder(model, cache, cuda_graph=graph)
         results.append(torch.stack([decoder(ids[:, t : t + 1]) for t in range(30, 60)], 1))
-        assert cache.get_seq_length() == 60 and (decoder.graph is not None) == graph
+        assert int(cache.get_seq_length()) == 60 and (decoder.graph is not None) == graph
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
     disable_duo_attention(model)
 
@@ -296,3 +286,31 @@ def test_generate_cli_compares_the_paths_on_a_local_model(tmp_path, capsys):
     assert rows[1][2] == rows[2][2]  # both duo paths generate the same text
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "model"), "--pattern", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: generate passes masks per layer type
+def test_model_generate_compiles_its_steps_on_a_static_duo_cache(arch):
+    """transformers' own compile path (forced on the CPU through its testing switch, eager backend): greedy, seeded
+    sampling and a left-padded batch give the tokens of the eager dynamic cache."""
+    from transformers import CompileConfig
+
+    model = _model(arch)
+    cfg = model.config
+    mask = np.random.default_rng(3).random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
+    enable_duo_attention_eval(model, mask, sink_size=4, recent_size=5)
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    ids, padding = _padded_batch(np.random.default_rng(4), cfg.vocab_size, 2, 12, [3, 0])
+    ids, padding = ids.to(DEVICE), padding.to(DEVICE)
+    try:
+        for options in ({"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}):
+            runs = []
+            for compiled in (False, True):
+                torch.manual_seed(0)
+                extra = {"compile_config": compile_config} if compiled else {"disable_compile": True}
+                runs.append(model.generate(ids, attention_mask=padding, max_new_tokens=8, pad_token_id=0, **options,
+                                           **extra))  # fmt: skip
+            assert torch.equal(runs[0], runs[1]), options
+        assert model.duo_attention.static_capacity >= 19  # max_length - 1
+    finally:
+        disable_duo_attention(model)

@@ -27,17 +27,38 @@ def decode_attention(
     """One query token per sequence over a reserved buffer whose valid keys are ``index < length`` (a device tensor)
     and, with ``key_pos``, ``key_pos >= 0``. Static shapes and no host synchronisation: safe in a CUDA graph.
 
-    CUDA + Triton: the split-KV kernel of decode_kernel.py, reading only valid keys; otherwise a masked SDPA call
-    over the whole buffer. ``DUO_ATTN_TRITON=never`` forces the SDPA path. ``out``: where to write (may be a view).
+    CUDA + Triton: the split-KV kernel of triton_decode.py, reading only valid keys; otherwise a masked SDPA call
+    over the whole buffer. ``DUO_ATTN_TRITON=never`` forces the SDPA path, ``always`` the kernel on any device (on a
+    CPU only under ``TRITON_INTERPRET=1``: tests). ``out``: where to write (may be a view). Eager calls and compiled
+    steps both go through the `decode_attention_op` operator: one code path.
     """
+    out = torch.empty_like(query) if out is None else out
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if (
-        triton_decode_attention is not None
-        and query.device.type == "cuda"
-        and os.environ.get("DUO_ATTN_TRITON", "auto") != "never"
-    ):
-        return triton_decode_attention(query, key, value, length, key_pos, scale, out)
+    decode_attention_op(query, key, value, length, key_pos, float(scale), out)
+    return out
+
+
+@torch.library.custom_op("duo_attn::decode_attention", mutates_args=("out",))
+def decode_attention_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    length: torch.Tensor,
+    key_pos: torch.Tensor | None,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """The decode step as one opaque operator: torch.compile traces a step through it (it cannot trace a Triton
+    launch whose grid is computed on the host), and its only effect is the write into ``out``."""
+    mode = os.environ.get("DUO_ATTN_TRITON", "auto")
+    if triton_decode_attention is not None and (mode == "always" or (query.device.type == "cuda" and mode != "never")):
+        triton_decode_attention(query, key, value, length, key_pos, scale, out)
+        return
     valid = torch.arange(key.shape[2], device=key.device) < length
     valid = valid[None] if key_pos is None else valid & (key_pos >= 0)
-    result = sdpa(query, key, value, valid[:, None, None, :], False, scale)
-    return result if out is None else out.copy_(result)
+    out.copy_(sdpa(query, key, value, valid[:, None, None, :], False, scale))
+
+
+@decode_attention_op.register_fake
+def _(query, key, value, length, key_pos, scale, out) -> None:
+    return None
