@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, MistralConfig
 
 from .compat import cache_kwargs
+from .eval.harness import kv_bytes, new_cache
 from .generate import StaticDecoder, compile_decoder_modules
 from .kv_cache import DuoCache, StaticDuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
@@ -51,6 +54,7 @@ REFERENCE_PATTERNS = {
     "mistral-7b": "Mistral-7B-Instruct-v0.2",
 }
 METHODS = ("hf", "duo-full", "duo")
+PATTERNS_ENV = "DUO_ATTN_REFERENCE_PATTERNS"
 
 
 @dataclass
@@ -131,12 +135,6 @@ def make_cache(model, method: str, tokens: int, device: str, capacity: int | Non
     return cache
 
 
-def kv_bytes(cache, config) -> int:
-    if isinstance(cache, DuoCache):
-        return cache.nbytes()
-    return full_kv_bytes(config, cache.get_seq_length())
-
-
 def _event_ms(fn) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -194,7 +192,7 @@ def bench_decode(model, method: str, context: int, steps: int, warmup: int, devi
         times = [_event_ms(step) for _ in range(steps)]
         peak = torch.cuda.max_memory_allocated() / 2**30
         kernels, top = kernel_ms_per_call(step, profiled)
-        point = Point("decode", method, context, None, statistics.median(times), peak, kv_bytes(cache, model.config),
+        point = Point("decode", method, context, None, statistics.median(times), peak, kv_bytes(cache),
                       kernels, top)
     except torch.cuda.OutOfMemoryError as err:
         print(f"OOM: decode {method} {context}: {str(err).splitlines()[0]}")
@@ -215,7 +213,7 @@ def bench_prefill(model, method: str, context: int, chunk: int, device: str) -> 
     ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
 
     def run(tokens: int = context):
-        cache = DuoCache.for_model(model) if method != "hf" else DynamicCache(config=model.config)
+        cache = new_cache(model)  # the model is switched to the method: a DuoCache, or DynamicCache for hf
         for start in range(0, tokens, chunk):
             model(ids[:, start : min(start + chunk, tokens)], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         return cache
@@ -229,7 +227,7 @@ def bench_prefill(model, method: str, context: int, chunk: int, device: str) -> 
         box = {}
         ms = _event_ms(lambda: box.setdefault("cache", run()))
         point = Point("prefill", method, context, chunk, ms, torch.cuda.max_memory_allocated() / 2**30,
-                      kv_bytes(box["cache"], model.config))
+                      kv_bytes(box["cache"]))
     except torch.cuda.OutOfMemoryError as err:
         print(f"OOM: prefill {method} {context}/{chunk}: {str(err).splitlines()[0]}")
         point = Point("prefill", method, context, chunk, None, None, None)
@@ -341,12 +339,26 @@ def plot(rows: list[dict], x: str, ys: list[str], ylabel: str, title: str, path:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="duo-attn bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def default_patterns_dir() -> Path | None:
+    """Where the published reference patterns are by default: ``$DUO_ATTN_REFERENCE_PATTERNS``, else
+    ``shared/reference_patterns`` beside the repository's root directory when it exists."""
+    if os.environ.get(PATTERNS_ENV):
+        return Path(os.environ[PATTERNS_ENV]).expanduser()
+    beside = Path(__file__).resolve().parents[2] / "shared" / "reference_patterns"
+    return beside if beside.is_dir() else None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duo-attn bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
     parser.add_argument("--sparsity", type=float, default=0.75, help="fraction of KV heads made streaming")
-    parser.add_argument("--patterns-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "reference_patterns",
-                        help="published patterns for realistic per-layer head counts (random if missing)")
+    parser.add_argument("--patterns-dir", type=Path, default=default_patterns_dir(),
+                        help=f"directory of published patterns ({', '.join(sorted(REFERENCE_PATTERNS.values()))}) "
+                        f"for realistic per-layer head counts; default ${PATTERNS_ENV}, else "
+                        "shared/reference_patterns beside the repository (a shape without its pattern there gets "
+                        "random heads)")  # fmt: skip
+    parser.add_argument("--random-heads", action="store_true", help="random heads at --sparsity, no patterns needed")
     parser.add_argument("--sink", type=int, default=128)
     parser.add_argument("--recent", type=int, default=256)
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[16384, 32768, 65536, 100000])
@@ -362,9 +374,93 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/efficiency"))
     parser.add_argument("--name", help="base name of the output files (default: <shape>-r<retrieval fraction>)")
     parser.add_argument("--device", default="cuda")
+    return parser
+
+
+@dataclass
+class _Run:
+    """One benchmark invocation: the model, its head mask, and what has been measured and written so far."""
+
+    args: argparse.Namespace
+    model: torch.nn.Module
+    mask: np.ndarray
+    name: str
+    meta: dict
+    wbytes: int
+    bandwidth: float
+    points: list = field(default_factory=list)
+
+    def measure(self, values: list, measure_one: Callable[[str, int], Point]) -> list[Point]:
+        """``measure_one(method, value)`` for every method (the model switched to it) and value; the results file
+        is rewritten after every point, so a run cut short keeps what it measured."""
+        measured = []
+        for method in METHODS:
+            set_method(self.model, method, self.mask, self.args.sink, self.args.recent)
+            for value in values:
+                point = measure_one(method, value)
+                print(point, flush=True)
+                measured.append(point)
+                save_points(self.args.out / f"{self.name}.json", self.meta, self.points + measured)
+        self.points += measured
+        return measured
+
+
+def _decode_report(run: _Run) -> list[str]:
+    args, name = run.args, run.name
+    decode = run.measure(args.decode_contexts, lambda method, context: bench_decode(
+        run.model, method, context, args.decode_steps, args.warmup, args.device, graph=not args.eager_decode
+    ))  # fmt: skip
+    rows = summarise_decode(decode, run.model.config, run.wbytes, run.bandwidth)
+    profile = []
+    for p in decode:
+        profile.append(f"{p.method} @ {p.context}: {p.kernel_ms} ms of kernels per token; heaviest:")
+        profile += [f"  {ms:8.3f} ms  {kernel}" for kernel, ms in p.top_kernels or []]
+    (args.out / f"{name}-kernels.txt").write_text("\n".join(profile) + "\n")
+    plot(rows, "context", ["hf ms", "duo-full ms", "duo ms"], "ms / token", f"decode, {name}",
+         args.out / f"decode-{name}.png")  # fmt: skip
+    return ["## Decode (median ms per token)", "", markdown_table(rows, list(rows[0])), ""]
+
+
+def _prefill_report(run: _Run) -> list[str]:
+    args, name = run.args, run.name
+    prefill = run.measure(args.prefill_chunks, lambda method, chunk: bench_prefill(
+        run.model, method, args.prefill_context, chunk, args.device
+    ))  # fmt: skip
+    window = args.sink + args.recent
+    rows = summarise_prefill(prefill, run.model.config, run.meta["retrieval_fraction"], window, run.wbytes)
+    plot(rows, "chunk", ["hf s", "duo-full s", "duo s"], "seconds", f"pre-fill {args.prefill_context}, {name}",
+         args.out / f"prefill-{name}.png")  # fmt: skip
+    return [f"## Pre-fill of {args.prefill_context} tokens (seconds)", "", markdown_table(rows, list(rows[0])), ""]
+
+
+def _kv_report(run: _Run) -> list[str]:
+    args = run.args
+    full = full_kv_bytes(run.model.config, args.kv_context)
+    rows = []
+    for sparsity in (0.0, 0.25, 0.5, 0.75, 0.9):
+        ranking = 0.5 * run.mask + 0.5 * np.random.default_rng(1).random(run.mask.shape)  # the pattern's heads first
+        ratio_mask = sparsify_attention_heads(ranking, sparsity=sparsity)[0]
+        set_method(run.model, "duo", ratio_mask, args.sink, args.recent)
+        cache = make_cache(run.model, "duo", args.kv_context, args.device)
+        measured = cache.nbytes()
+        del cache
+        torch.cuda.empty_cache()
+        rows.append({"retrieval fraction": float(ratio_mask.mean()), "KV GiB": measured / 2**30,
+                     "full KV GiB": full / 2**30, "ratio": measured / full})  # fmt: skip
+    return [f"## KV-cache bytes at {args.kv_context} tokens", "", markdown_table(rows, list(rows[0])), ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _build_parser()
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("the efficiency benchmark times CUDA kernels and needs a GPU")
+    if args.random_heads:
+        args.patterns_dir = None
+    elif args.patterns_dir is None or not args.patterns_dir.is_dir():
+        where = "none found" if args.patterns_dir is None else f"{args.patterns_dir} is not a directory"
+        parser.error(f"no reference patterns ({where}): pass --patterns-dir DIR or set ${PATTERNS_ENV} to the "
+                     "directory of published patterns, or --random-heads")  # fmt: skip
     # Every method runs with the same SDPA kernels; cuDNN's is left out (see kernels.sdpa).
     torch.backends.cuda.enable_cudnn_sdp(False)
 
@@ -372,8 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args.shape, args.device)
     if args.compile:
         compile_decoder_modules(model)
-    config = model.config
-    mask, mask_source = head_mask(args.shape, args.sparsity, args.patterns_dir, config)
+    mask, mask_source = head_mask(args.shape, args.sparsity, args.patterns_dir, model.config)
     retrieval = float(mask.mean())
     wbytes = weight_bytes(model)
     bandwidth = copy_bandwidth(args.device)
@@ -383,10 +478,9 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": transformers.__version__, "python": platform.python_version(),
         "copy_bandwidth_GBps": bandwidth / 1e9, "weight_GB": wbytes / 1e9, "date": time.strftime("%Y-%m-%d"),
         "decode": "eager" if args.eager_decode else "cuda-graph", "compiled_modules": args.compile,
-    }
+    }  # fmt: skip
     print(json.dumps(meta))
-    name = args.name or f"{args.shape}-r{retrieval:.2f}"
-    points: list[Point] = []
+    run = _Run(args, model, mask, args.name or f"{args.shape}-r{retrieval:.2f}", meta, wbytes, bandwidth)
     report = [
         f"# {args.shape}, {retrieval:.0%} retrieval heads ({mask_source}), sink {args.sink} + recent {args.recent}",
         "",
@@ -394,63 +488,13 @@ def main(argv: list[str] | None = None) -> None:
         f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write).",
         "",
     ]
-
-    if args.decode_contexts:
-        decode = []
-        for method in METHODS:
-            set_method(model, method, mask, args.sink, args.recent)
-            for context in args.decode_contexts:
-                point = bench_decode(model, method, context, args.decode_steps, args.warmup, args.device,
-                                     graph=not args.eager_decode)
-                print(point, flush=True)
-                decode.append(point)
-                save_points(args.out / f"{name}.json", meta, points + decode)
-        points += decode
-        rows = summarise_decode(decode, config, wbytes, bandwidth)
-        columns = list(rows[0])
-        report += ["## Decode (median ms per token)", "", markdown_table(rows, columns), ""]
-        profile = []
-        for p in decode:
-            profile.append(f"{p.method} @ {p.context}: {p.kernel_ms} ms of kernels per token; heaviest:")
-            profile += [f"  {ms:8.3f} ms  {kernel}" for kernel, ms in p.top_kernels or []]
-        (args.out / f"{name}-kernels.txt").write_text("\n".join(profile) + "\n")
-        plot(rows, "context", ["hf ms", "duo-full ms", "duo ms"], "ms / token", f"decode, {name}",
-             args.out / f"decode-{name}.png")
-
-    if args.prefill_chunks:
-        prefill = []
-        for method in METHODS:
-            set_method(model, method, mask, args.sink, args.recent)
-            for chunk in args.prefill_chunks:
-                point = bench_prefill(model, method, args.prefill_context, chunk, args.device)
-                print(point, flush=True)
-                prefill.append(point)
-                save_points(args.out / f"{name}.json", meta, points + prefill)
-        points += prefill
-        rows = summarise_prefill(prefill, config, retrieval, args.sink + args.recent, wbytes)
-        report += [f"## Pre-fill of {args.prefill_context} tokens (seconds)", "", markdown_table(rows, list(rows[0])), ""]
-        plot(rows, "chunk", ["hf s", "duo-full s", "duo s"], "seconds", f"pre-fill {args.prefill_context}, {name}",
-             args.out / f"prefill-{name}.png")
-
-    if args.kv_context:
-        kv_rows = []
-        for sparsity in (0.0, 0.25, 0.5, 0.75, 0.9):
-            ranking = 0.5 * mask + 0.5 * np.random.default_rng(1).random(mask.shape)  # the pattern's heads first
-            ratio_mask = sparsify_attention_heads(ranking, sparsity=sparsity)[0]
-            set_method(model, "duo", ratio_mask, args.sink, args.recent)
-            cache = make_cache(model, "duo", args.kv_context, args.device)
-            measured = cache.nbytes()
-            del cache
-            torch.cuda.empty_cache()
-            kv_rows.append({"retrieval fraction": float(ratio_mask.mean()), "KV GiB": measured / 2**30,
-                            "full KV GiB": full_kv_bytes(config, args.kv_context) / 2**30,
-                            "ratio": measured / full_kv_bytes(config, args.kv_context)})
-        report += [f"## KV-cache bytes at {args.kv_context} tokens", "", markdown_table(kv_rows, list(kv_rows[0])), ""]
-
-    (args.out / f"{name}.md").write_text("\n".join(report))
-    save_points(args.out / f"{name}.json", meta, points)
+    for wanted, section in ((args.decode_contexts, _decode_report), (args.prefill_chunks, _prefill_report),
+                            (args.kv_context, _kv_report)):  # fmt: skip
+        if wanted:
+            report += section(run)
+    (args.out / f"{run.name}.md").write_text("\n".join(report))
+    save_points(args.out / f"{run.name}.json", meta, run.points)
     print("\n".join(report))
-
 
 if __name__ == "__main__":
     main()

@@ -91,3 +91,13 @@ def test_the_benchmark_refuses_to_run_without_a_gpu(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--shape", "llama2-7b"])
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_the_patterns_default_and_a_missing_directory_named_by_its_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(bench.PATTERNS_ENV, str(tmp_path / "patterns"))
+    assert bench.default_patterns_dir() == tmp_path / "patterns"
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)  # the check comes before any GPU work
+    with pytest.raises(SystemExit):
+        bench.main(["--patterns-dir", str(tmp_path / "missing")])
+    err = capsys.readouterr().err
+    assert "--patterns-dir" in err and bench.PATTERNS_ENV in err and "--random-heads" in err
