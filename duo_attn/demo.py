@@ -25,7 +25,7 @@ from .eval.harness import (
 )
 from .eval.passkey_grid import passkey_cells
 from .eval.report import summarise
-from .learn.data import encode_haystack, load_haystack
+from .learn.haystack import encode_haystack, load_haystack
 from .models import DTYPES, SMOLLM2, load_model, resolve_dtype
 from .patterns import GATES_FILE, SHIPPED_PATTERNS, default_pattern
 

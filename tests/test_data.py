@@ -25,9 +25,8 @@ from duo_attn.learn.data import (
     build_needle_prompt,
     build_passkey_sample,
     context_length_choices,
-    encode_haystack,
-    load_haystack,
 )
+from duo_attn.learn.haystack import encode_haystack, load_haystack
 
 HAYSTACK = load_haystack()
 NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."

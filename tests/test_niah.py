@@ -12,7 +12,8 @@ from helpers import byte_level_tokenizer
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
 from duo_attn import DuoCache, disable_duo_attention, enable_duo_attention_eval, save_attn_pattern
-from duo_attn.learn.data import NeedlePrompt, encode_haystack, load_haystack
+from duo_attn.learn.data import NeedlePrompt
+from duo_attn.learn.haystack import encode_haystack, load_haystack
 from duo_attn.eval import niah, passkey_grid
 from duo_attn.eval.harness import build_methods, key_only, kv_bytes, new_cache, prefill, score_answer
 from duo_attn.models import tiny_model

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..learn.data import encode_haystack, load_haystack
+from ..learn.haystack import encode_haystack, load_haystack
 from ..models import DTYPES, SMOLLM2, load_model, resolve_dtype
 from .harness import HAYSTACK_CHARS_PER_TOKEN, GridCell, Method, build_methods, run_grid, window_sizes
 

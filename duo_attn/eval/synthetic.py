@@ -29,7 +29,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..learn.data import load_haystack
+from ..learn.haystack import load_haystack
 from ..models import DTYPES, SMOLLM2, load_model
 from .harness import Method, build_methods, encode_prompt, generate_greedy, has_chat_template, window_sizes
 

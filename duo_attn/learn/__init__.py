@@ -1,2 +1,2 @@
-"""Learning a pattern: the synthetic passkey data (`data`), gate training by distillation (`train`), the
-training-free head score (`scoring`), and what their runs share (`run`, `checkpoint`)."""
+"""Learning a pattern: synthetic passkey samples (`data`) in filler text (`haystack`), gate training by distillation
+(`train`), the training-free head score (`scoring`), and what their runs share (`run`, `checkpoint`)."""

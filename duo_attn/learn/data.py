@@ -1,24 +1,23 @@
-"""Synthetic long-context data: haystack text, multi-passkey training samples, needle prompts.
+"""Synthetic long-context samples: multi-passkey training samples and needle-in-a-haystack prompts.
 
 DuoAttention learns which heads must see the whole context by asking the model to recall
-passkeys hidden at random depths of a long filler text (the "haystack"). Every sample is
-assembled from separately tokenized pieces, so the token span of every passkey and answer
-is known exactly rather than recovered by searching decoded text.
+passkeys hidden at random depths of a long filler text (the "haystack", `duo_attn.learn.haystack`).
+Every sample is assembled from separately tokenized pieces, so the token span of every passkey and
+answer is known exactly rather than recovered by searching decoded text.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
+
+from .haystack import ChatFrame, chat_frame, encode_piece, take_filler
 
 IGNORE_INDEX = -100
 
@@ -34,182 +33,6 @@ PASSKEY_WORDS: tuple[str, ...] = (
     "copper", "domino", "feather", "goblet", "hammer", "iceberg", "jungle", "lantern",
     "mirror", "nutmeg", "orchid", "pillow", "rubber", "summit", "timber", "valley",
 )  # fmt: skip
-
-
-# --------------------------------------------------------------------------- haystacks
-
-
-def _default_haystack() -> str:
-    """Python's own documentation topics: offline, ships with every interpreter."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics.values())
-
-
-def _jsonl_texts(lines: Iterator[str], path: Path, text_field: str) -> Iterator[str]:
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from error
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise ValueError(f"{path}: line {number} has no string field {text_field!r}")
-        yield record[text_field]
-
-
-def _take(texts: Iterator[str], max_chars: int | None) -> str:
-    """Join documents, stopping as soon as ``max_chars`` are collected (huge corpora)."""
-    parts: list[str] = []
-    size = 0
-    for text in texts:
-        parts.append(text)
-        size += len(text) + 2
-        if max_chars is not None and size >= max_chars:
-            break
-    return "\n\n".join(parts)[:max_chars]
-
-
-def load_haystack(
-    source: str | Path | None = None,
-    *,
-    text_field: str = "text",
-    max_chars: int | None = None,
-) -> str:
-    """Return filler text for long contexts.
-
-    ``source`` is a ``.txt`` file, a ``.jsonl`` file (one JSON object per line, documents
-    in ``text_field``), a zstandard-compressed ``.jsonl.zst`` (the booksum format, read as
-    a stream), or ``None`` for the offline default (``pydoc_data.topics``, ~465k chars).
-    ``max_chars`` stops reading early, so a multi-GB corpus costs only what is used.
-    """
-    if max_chars is not None and max_chars <= 0:
-        raise ValueError(f"max_chars must be positive, got {max_chars}")
-    if source is None:
-        return _default_haystack()[:max_chars]
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"haystack file {path} does not exist")
-    if not path.is_file():
-        raise ValueError(f"haystack source {path} is not a file")
-    name = path.name.lower()
-    try:
-        if name.endswith(".jsonl.zst"):
-            text = _read_jsonl_zst(path, text_field, max_chars)
-        elif name.endswith(".jsonl"):
-            with path.open(encoding="utf-8") as handle:
-                text = _take(_jsonl_texts(handle, path, text_field), max_chars)
-        elif name.endswith(".txt"):
-            with path.open(encoding="utf-8") as handle:
-                text = handle.read(-1 if max_chars is None else max_chars)
-        else:
-            raise ValueError(f"haystack file {path}: unsupported format, expected .txt, .jsonl or .jsonl.zst")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"haystack file {path} is not valid UTF-8 text ({error})") from error
-    if not text.strip():
-        raise ValueError(f"haystack file {path} contains no text")
-    return text
-
-
-def _read_jsonl_zst(path: Path, text_field: str, max_chars: int | None) -> str:
-    try:
-        import zstandard
-    except ImportError as error:
-        raise ImportError("reading .jsonl.zst needs `pip install zstandard` (duo-attn[train])") from error
-    try:
-        with path.open("rb") as raw:
-            # Large windows: corpora like booksum are compressed with --long.
-            reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw)
-            with io.TextIOWrapper(reader, encoding="utf-8") as lines:
-                return _take(_jsonl_texts(lines, path, text_field), max_chars)
-    except zstandard.ZstdError as error:
-        raise ValueError(f"haystack file {path} is not valid zstandard data ({error})") from error
-
-
-def encode_haystack(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Tokenize the haystack once; every sample cuts its filler from this stream."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    if not ids:
-        raise ValueError("the haystack tokenizes to no tokens")
-    return list(ids)
-
-
-# ------------------------------------------------------------------- tokenizing pieces
-
-_ANCHOR = "\n"
-_USER_SENTINEL = "\x1eDUO_USER\x1e"
-_ASSISTANT_SENTINEL = "\x1eDUO_ASSISTANT\x1e"
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Tokens of ``text`` as it reads in mid-document.
-
-    Encoding after a newline anchor and dropping the anchor's tokens avoids the spurious
-    word-start marker sentencepiece tokenizers put at the start of every encode call.
-    Falls back to a plain encode when the anchor merges with the text.
-    """
-    anchor = tokenizer.encode(_ANCHOR, add_special_tokens=False)
-    ids = tokenizer.encode(_ANCHOR + text, add_special_tokens=False)
-    if ids[: len(anchor)] == anchor:
-        return ids[len(anchor) :]
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def _special_prefix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Tokens the tokenizer itself puts before text (a BOS for Llama-style tokenizers)."""
-    bare = tokenizer.encode("x", add_special_tokens=False)
-    full = tokenizer.encode("x", add_special_tokens=True)
-    cut = len(full) - len(bare)
-    return full[:cut] if full[cut:] == bare else []
-
-
-@dataclass(frozen=True)
-class _Frame:
-    """Token ids around the user text and the assistant text of one exchange."""
-
-    before_user: list[int]
-    user_to_assistant: list[int]
-    after_assistant: list[int]
-
-
-def _frame(tokenizer: PreTrainedTokenizerBase, *, generation: bool) -> _Frame:
-    """Split the chat template around sentinel messages; plain text when there is none.
-
-    ``generation`` renders the prompt as the model sees it before answering (generation
-    prompt, no closing turn); otherwise the full exchange, as for training.
-    """
-    if not tokenizer.chat_template:
-        return _Frame(_special_prefix(tokenizer), _encode(tokenizer, "\n"), [])
-    messages = [{"role": "user", "content": _USER_SENTINEL}]
-    if not generation:
-        messages.append({"role": "assistant", "content": _ASSISTANT_SENTINEL})
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
-    before, user_found, rest = rendered.partition(_USER_SENTINEL)
-    if generation:
-        middle, after = rest, ""
-    else:
-        middle, assistant_found, after = rest.partition(_ASSISTANT_SENTINEL)
-        user_found = user_found and assistant_found
-    if not user_found:
-        raise ValueError("the tokenizer's chat template does not reproduce message contents verbatim")
-
-    def ids(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False) if text else []
-
-    return _Frame(ids(before), ids(middle), ids(after))
-
-
-def _filler(haystack_ids: Sequence[int], start: int, count: int) -> list[int]:
-    """``count`` haystack tokens from ``start`` (modulo its length), wrapping around."""
-    if not haystack_ids:
-        raise ValueError("the haystack is empty")
-    out: list[int] = []
-    position = start % len(haystack_ids)
-    while len(out) < count:
-        out.extend(haystack_ids[position : position + count - len(out)])
-        position = 0
-    return out
 
 
 # ----------------------------------------------------------------- passkey samples
@@ -278,21 +101,8 @@ def build_passkey_sample(
     _check_passkey_options(num_passkeys, passkey_kind, passkey_length, min_depth, max_depth)
     passkeys = _draw_passkeys(rng, num_passkeys, passkey_kind, passkey_length)
     depths = sorted(rng.uniform(min_depth, max_depth) for _ in passkeys)
-    frame = _frame(tokenizer, generation=False)
-    numbers = range(1, num_passkeys + 1)
-    key_pieces = [_encode(tokenizer, f" {key}") for key in passkeys]
-
-    # (before the key, the key, after the key) for each needle and each answer sentence.
-    needles = [
-        (_encode(tokenizer, f"\nThe pass key number {n} is"), key_ids, _encode(tokenizer, ". Remember it.\n"))
-        for n, key_ids in zip(numbers, key_pieces)
-    ]
-    questions = _encode(tokenizer, "\n\n" + " ".join(f"What is the pass key number {n}?" for n in numbers))
-    answers = [
-        (_encode(tokenizer, f"{'' if n == 1 else ' '}The pass key number {n} is"), key_ids, _encode(tokenizer, "."))
-        for n, key_ids in zip(numbers, key_pieces)
-    ]
-
+    frame = chat_frame(tokenizer, generation=False)
+    needles, questions, answers = _passkey_pieces(tokenizer, passkeys)
     pieces = [frame.before_user, frame.user_to_assistant, frame.after_assistant, questions]
     fixed = sum(map(len, pieces)) + sum(len(piece) for parts in needles + answers for piece in parts)
     budget = context_length - fixed
@@ -301,21 +111,64 @@ def build_passkey_sample(
             f"context_length {context_length} is too short for {num_passkeys} passkeys: "
             f"the needles, questions and answers alone take {fixed} tokens"
         )
-    filler = _filler(haystack_ids, rng.getrandbits(32), budget)
+    context = take_filler(haystack_ids, rng.getrandbits(32), budget)
+    ids, passkey_spans, answer_spans, answer_passkey_spans = _assemble(
+        frame, context, depths, needles, questions, answers
+    )
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    for start, end in answer_spans:
+        labels[start:end] = input_ids[start:end]
+    return PasskeySample(input_ids, labels, passkeys, passkey_spans, depths, answer_spans, answer_passkey_spans)
 
+
+_Pieces = tuple[list[int], list[int], list[int]]  # before the key, the key, after the key
+_Spans = list[tuple[int, int]]
+
+
+def _passkey_pieces(
+    tokenizer: PreTrainedTokenizerBase, passkeys: Sequence[str]
+) -> tuple[list[_Pieces], list[int], list[_Pieces]]:
+    """The needle sentences, the questions and the answer sentences of a sample, each key tokenized once."""
+    numbers = range(1, len(passkeys) + 1)
+    key_pieces = [encode_piece(tokenizer, f" {key}") for key in passkeys]
+    needle_tail = encode_piece(tokenizer, ". Remember it.\n")
+    needles = [
+        (encode_piece(tokenizer, f"\nThe pass key number {n} is"), key_ids, needle_tail)
+        for n, key_ids in zip(numbers, key_pieces)
+    ]
+    questions = encode_piece(tokenizer, "\n\n" + " ".join(f"What is the pass key number {n}?" for n in numbers))
+    full_stop = encode_piece(tokenizer, ".")
+    answers = [
+        (encode_piece(tokenizer, f"{'' if n == 1 else ' '}The pass key number {n} is"), key_ids, full_stop)
+        for n, key_ids in zip(numbers, key_pieces)
+    ]
+    return needles, questions, answers
+
+
+def _assemble(
+    frame: ChatFrame,
+    context: list[int],
+    depths: Sequence[float],
+    needles: Sequence[_Pieces],
+    questions: list[int],
+    answers: Sequence[_Pieces],
+) -> tuple[list[int], _Spans, _Spans, _Spans]:
+    """``(ids, passkey spans, answer spans, answer passkey spans)``: the needles cut into the ``context`` filler at
+    their depths, then the questions and, in the assistant turn, the answers."""
+    budget = len(context)
     ids = list(frame.before_user)
-    passkey_spans: list[tuple[int, int]] = []
+    passkey_spans: _Spans = []
     cursor = 0
     for depth, (head, key, tail) in zip(depths, needles):
         cut = round(depth * budget)
-        ids += filler[cursor:cut] + head
+        ids += context[cursor:cut] + head
         passkey_spans.append((len(ids), len(ids) + len(key)))
         ids += key + tail
         cursor = cut
-    ids += filler[cursor:] + questions + frame.user_to_assistant
-
-    answer_spans: list[tuple[int, int]] = []
-    answer_passkey_spans: list[tuple[int, int]] = []
+    ids += context[cursor:] + questions + frame.user_to_assistant
+    answer_spans: _Spans = []
+    answer_passkey_spans: _Spans = []
     for head, key, tail in answers:
         start = len(ids)
         ids += head
@@ -323,12 +176,7 @@ def build_passkey_sample(
         ids += key + tail
         answer_spans.append((start, len(ids)))
     ids += frame.after_assistant
-
-    input_ids = torch.tensor(ids, dtype=torch.long)
-    labels = torch.full_like(input_ids, IGNORE_INDEX)
-    for start, end in answer_spans:
-        labels[start:end] = input_ids[start:end]
-    return PasskeySample(input_ids, labels, passkeys, passkey_spans, depths, answer_spans, answer_passkey_spans)
+    return ids, passkey_spans, answer_spans, answer_passkey_spans
 
 
 def context_length_choices(min_length: int, max_length: int, num_intervals: int) -> list[int]:
@@ -438,12 +286,12 @@ def build_needle_prompt(
         answer = needle[len(answer_prefix) :]
     # The answer continues the prefix on its line, or opens the assistant turn.
     answer = (" " if answer_prefix else "") + answer.strip()
-    frame = _frame(tokenizer, generation=True)
-    needle_ids = _encode(tokenizer, f"\n{needle.strip()}\n")
+    frame = chat_frame(tokenizer, generation=True)
+    needle_ids = encode_piece(tokenizer, f"\n{needle.strip()}\n")
     tail = (
-        _encode(tokenizer, f"\n\n{question.strip()}")
+        encode_piece(tokenizer, f"\n\n{question.strip()}")
         + frame.user_to_assistant
-        + (_encode(tokenizer, answer_prefix) if answer_prefix else [])
+        + (encode_piece(tokenizer, answer_prefix) if answer_prefix else [])
     )
     fixed = len(frame.before_user) + len(needle_ids) + len(tail)
     budget = context_length - fixed
@@ -451,12 +299,12 @@ def build_needle_prompt(
         raise ValueError(
             f"context_length {context_length} is too short: needle, question and template take {fixed} tokens"
         )
-    filler = _filler(haystack_ids, 0, budget)
+    context = take_filler(haystack_ids, 0, budget)
     cut = round(depth_ratio * budget)
-    head = frame.before_user + filler[:cut]
-    ids = head + needle_ids + filler[cut:] + tail
+    head = frame.before_user + context[:cut]
+    ids = head + needle_ids + context[cut:] + tail
     return NeedlePrompt(
         torch.tensor(ids, dtype=torch.long),
-        torch.tensor(_encode(tokenizer, answer), dtype=torch.long),
+        torch.tensor(encode_piece(tokenizer, answer), dtype=torch.long),
         (len(head), len(head) + len(needle_ids)),
     )

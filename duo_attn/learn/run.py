@@ -13,13 +13,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..models import SMOLLM2, load_model, load_tokenizer, resolve_device, resolve_dtype, tiny_model
 from ..patch import InstalledAttention, install_attention
 from ..patterns import atomic_path
-from .data import IGNORE_INDEX, PasskeyDataset, encode_haystack, load_haystack
+from .data import IGNORE_INDEX, PasskeyDataset
+from .haystack import encode_haystack, load_haystack
 
 HEATMAP_FILE = "gates.png"
 TINY_PREFIX = "tiny-"
@@ -57,6 +59,23 @@ def install_shared_attention(
     if current is not None and current.name == name:
         current.uninstall()
     return install_attention(model, name, function, attr=attr, layer_state=lambda _: state)
+
+
+def whole_sequence_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SDPA over one whole sequence without a cache, the only kind training and head scoring run: causal, or within
+    a boolean ``mask``. ``query [B, H, L, D]``, ``key/value [B, H_kv, L, D]``; returns ``[B, H, L, D]``."""
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("duo training and head scoring run whole sequences without a cache (use_cache=False)")
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
+    )
 
 
 def device_description(device: torch.device) -> str:

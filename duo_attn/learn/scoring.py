@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -36,6 +35,7 @@ from .run import (
     run_provenance,
     save_gate_heatmap,
     supervised_query_mask,
+    whole_sequence_attention,
 )
 
 SCORE_ATTENTION = "duo_attn_score"
@@ -103,13 +103,8 @@ def scoring_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention interface: ordinary causal attention that also records the answer queries' far mass."""
-    recorder: ScoreRecorder = module.duo_score_recorder
-    if query.shape[2] != key.shape[2]:
-        raise RuntimeError("head scoring runs whole sequences without a cache (use_cache=False)")
-    recorder.add(module.layer_idx, query, key, scaling)
-    out = F.scaled_dot_product_attention(
-        query, key, value, is_causal=True, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
-    )
+    out = whole_sequence_attention(query, key, value, scaling)  # first: it refuses cached steps
+    module.duo_score_recorder.add(module.layer_idx, query, key, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
@@ -39,6 +38,7 @@ from .run import (
     run_provenance,
     save_gate_heatmap,
     supervised_query_mask,
+    whole_sequence_attention,
 )
 
 TRAIN_ATTENTION = "duo_attn_train"
@@ -93,13 +93,10 @@ def mixed_attention_forward(
     ``query [B, H, L, D]``, ``key/value [B, H_kv, L, D]`` of one unpadded sequence; returns ``[B, L, H, D]``.
     """
     state: GateState = module.duo_gate_state
-    if query.shape[2] != key.shape[2]:
-        raise RuntimeError("duo attention training runs whole sequences without a cache (use_cache=False)")
-    gqa = query.shape[1] != key.shape[1]
-    full = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+    full = whole_sequence_attention(query, key, value, scaling)
     if not state.teacher:
         mask = state.streaming_mask(query.shape[2], query.device)
-        streaming = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        streaming = whole_sequence_attention(query, key, value, scaling, mask)
         gate = state.gates[module.layer_idx].repeat_interleave(query.shape[1] // key.shape[1])
         gate = gate.to(query.dtype)[None, :, None, None]
         full = gate * full + (1 - gate) * streaming
