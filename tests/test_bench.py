@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from duo_attn import bench
-from duo_attn.bench import METHODS, Point
+from duo_attn import bench, bench_report
+from duo_attn.bench_report import METHODS, Point
 
 
 def _config(shape="llama2-7b"):
@@ -15,37 +15,37 @@ def _config(shape="llama2-7b"):
 
 def test_prefill_flops_ideal_follows_the_window():
     config = _config()
-    full = bench.prefill_flops(config, 65536, 16384, 1.0, None)
-    assert bench.prefill_flops(config, 65536, 16384, 0.25, None) == full  # no window: every head is full
-    duo = bench.prefill_flops(config, 65536, 16384, 0.25, 384)
+    full = bench_report.prefill_flops(config, 65536, 16384, 1.0, None)
+    assert bench_report.prefill_flops(config, 65536, 16384, 0.25, None) == full  # no window: every head is full
+    duo = bench_report.prefill_flops(config, 65536, 16384, 0.25, 384)
     assert 1.5 < full / duo < 2.0  # attention is a large share of 64K-token pre-fill FLOPs
-    assert bench.prefill_flops(config, 65536, 16384, 0.0, 384) < duo
+    assert bench_report.prefill_flops(config, 65536, 16384, 0.0, 384) < duo
     # chunking does not change the work of a causal pre-fill with full attention
-    assert bench.prefill_flops(config, 4096, 4096, 1.0, None) == pytest.approx(
-        bench.prefill_flops(config, 4096, 1024, 1.0, None), rel=1e-3
+    assert bench_report.prefill_flops(config, 4096, 4096, 1.0, None) == pytest.approx(
+        bench_report.prefill_flops(config, 4096, 1024, 1.0, None), rel=1e-3
     )
 
 
 def test_decode_summary_reports_ratios_and_marks_out_of_memory_points():
     config = _config()
     wbytes, bandwidth = 13_000_000_000, 3e12
-    full_kv = bench.full_kv_bytes(config, 100_000)
+    full_kv = bench_report.full_kv_bytes(config, 100_000)
     points = [
         Point("decode", "hf", 100_000, None, 60.0, 60.0, full_kv, 55.0),
         Point("decode", "duo-full", 100_000, None, 25.0, 60.0, full_kv, 24.0),
         Point("decode", "duo", 100_000, None, 12.5, 25.0, full_kv // 4, 11.0),
         Point("decode", "hf", 400_000, None, None, None, None),
         Point("decode", "duo-full", 400_000, None, None, None, None),
-        Point("decode", "duo", 400_000, None, 25.0, 60.0, bench.full_kv_bytes(config, 400_000) // 4, 24.0),
+        Point("decode", "duo", 400_000, None, 25.0, 60.0, bench_report.full_kv_bytes(config, 400_000) // 4, 24.0),
     ]
-    rows = bench.summarise_decode(points, config, wbytes, bandwidth)
+    rows = bench_report.summarise_decode(points, config, wbytes, bandwidth)
     first, last = rows
     assert first["ideal"] == pytest.approx((wbytes + full_kv) / (wbytes + full_kv // 4))
     assert first["speedup vs duo-full"] == 2.0 and first["speedup vs hf"] == 4.8
     assert first["of ideal (duo-full)"] == pytest.approx(2.0 / first["ideal"])
     assert first["duo BW % copy"] == pytest.approx(100 * (wbytes + full_kv // 4) / 0.0125 / bandwidth)
     assert last["speedup vs hf"] is None and last["duo ms"] == 25.0
-    table = bench.markdown_table(rows, list(first))
+    table = bench_report.markdown_table(rows, list(first))
     last_line = table.splitlines()[-1].split(" | ")
     columns = list(first)
     assert last_line[columns.index("hf ms")] == "OOM"  # a measurement that did not fit
@@ -56,7 +56,7 @@ def test_decode_summary_reports_ratios_and_marks_out_of_memory_points():
 def test_prefill_summary_memory_ideal():
     config = _config("llama3-8b")
     wbytes = 15_000_000_000
-    full_kv = bench.full_kv_bytes(config, 320_000)
+    full_kv = bench_report.full_kv_bytes(config, 320_000)
     points = [
         Point("prefill", m, 320_000, 32768, ms, gib, kv)
         for m, ms, gib, kv in (
@@ -65,7 +65,7 @@ def test_prefill_summary_memory_ideal():
             ("duo", 50_000.0, 36.7, full_kv // 2),
         )
     ]
-    (row,) = bench.summarise_prefill(points, config, 0.5, 384, wbytes)
+    (row,) = bench_report.summarise_prefill(points, config, 0.5, 384, wbytes)
     assert row["hf s"] == 234.0 and row["speedup vs duo-full"] == pytest.approx(1.8)
     assert row["ideal (weights + KV)"] == pytest.approx((wbytes + full_kv) / (wbytes + full_kv // 2))
     assert row["memory saving vs hf"] == pytest.approx(83.8 / 36.7)
@@ -80,7 +80,7 @@ def test_head_mask_uses_the_published_pattern_or_a_seeded_random_one(tmp_path):
 
 def test_points_are_saved_as_json(tmp_path):
     path = tmp_path / "run.json"
-    bench.save_points(path, {"shape": "x"}, [Point("decode", m, 8, None, 1.0, 2.0, 3) for m in METHODS])
+    bench_report.save_points(path, {"shape": "x"}, [Point("decode", m, 8, None, 1.0, 2.0, 3) for m in METHODS])
     saved = json.loads(path.read_text())
     assert saved["meta"] == {"shape": "x"} and [p["method"] for p in saved["points"]] == list(METHODS)
 
