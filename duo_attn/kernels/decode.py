@@ -15,6 +15,19 @@ except ImportError:
     triton_decode_attention = None
 
 
+def use_triton(device: torch.device) -> bool:
+    """``DUO_ATTN_TRITON``: ``auto`` (the kernel on CUDA), ``never`` (the SDPA path) or ``always`` (the kernel on any
+    device; on a CPU only under ``TRITON_INTERPRET=1``, for tests). Both decode paths (plain and quantized) ask this."""
+    mode = os.environ.get("DUO_ATTN_TRITON", "auto")
+    return mode == "always" or (device.type == "cuda" and mode != "never")
+
+
+def valid_keys(capacity: int, length: torch.Tensor, key_pos: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """``[B or 1, capacity]``: a key is valid below ``length`` and, with ``key_pos``, where its position is >= 0."""
+    valid = torch.arange(capacity, device=device) < length
+    return valid[None] if key_pos is None else valid & (key_pos >= 0)
+
+
 def decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -50,12 +63,10 @@ def decode_attention_op(
 ) -> None:
     """The decode step as one opaque operator: torch.compile traces a step through it (it cannot trace a Triton
     launch whose grid is computed on the host), and its only effect is the write into ``out``."""
-    mode = os.environ.get("DUO_ATTN_TRITON", "auto")
-    if triton_decode_attention is not None and (mode == "always" or (query.device.type == "cuda" and mode != "never")):
+    if triton_decode_attention is not None and use_triton(query.device):
         triton_decode_attention(query, key, value, length, key_pos, scale, out)
         return
-    valid = torch.arange(key.shape[2], device=key.device) < length
-    valid = valid[None] if key_pos is None else valid & (key_pos >= 0)
+    valid = valid_keys(key.shape[2], length, key_pos, key.device)
     out.copy_(sdpa(query, key, value, valid[:, None, None, :], False, scale))
 
 

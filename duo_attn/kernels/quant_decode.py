@@ -8,13 +8,11 @@ Triton's launcher or the reference's dequantization. Inside the op: the Triton k
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..kv_quant import KVQuantSpec, QuantizedKV, dequantize
 from ..stores import DenseStore, KVStore, QuantizedStore
-from .decode import decode_attention
+from .decode import decode_attention, use_triton, valid_keys
 from .dense import sdpa
 
 try:  # ships with CUDA builds of torch; the quantized decode step uses its kernel on GPUs
@@ -39,8 +37,7 @@ def reference_quant_decode_attention(
     at index ``< length`` with ``key_pos >= 0`` (if given); the others are zeroed first, since unwritten slots of
     `QuantizedKV.empty` buffers may decode to NaN."""
     capacity = key.data.shape[2]
-    valid = torch.arange(capacity, device=query.device) < length
-    valid = valid[None] if key_pos is None else valid & (key_pos >= 0)
+    valid = valid_keys(capacity, length, key_pos, query.device)
     keep = valid[:, None, :, None]
     k = torch.where(keep, dequantize(key, spec, query.dtype), 0)
     v = torch.where(keep, dequantize(value, spec, query.dtype), 0)
@@ -71,11 +68,7 @@ def _quant_decode_op(
     spec = KVQuantSpec(kind, group_size)
     key_data, value_data = key_data.view(spec.data_dtype), value_data.view(spec.data_dtype)
     key, value = QuantizedKV(key_data, key_scale, key_zero), QuantizedKV(value_data, value_scale, value_zero)
-    if (
-        triton_quant_decode_attention is not None
-        and query.device.type == "cuda"
-        and os.environ.get("DUO_ATTN_TRITON", "auto") != "never"
-    ):
+    if triton_quant_decode_attention is not None and use_triton(query.device):
         triton_quant_decode_attention(query, key, value, spec, length, key_pos, scale, out)
     else:
         reference_quant_decode_attention(query, key, value, spec, length, key_pos, scale, out)
