@@ -35,7 +35,13 @@ from .eval.harness import kv_bytes, new_cache
 from .generate import StaticDecoder, compile_decoder_modules
 from .kv_cache import DuoCache, StaticDuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
-from .bench_generate import GENERATE_METHODS, generate_decode_ms
+from .bench_generate import (
+    GENERATE_METHODS,
+    generate_decode_ms,
+    generate_host_profile,
+    generate_kernel_profile,
+    kernel_summary,
+)
 from .bench_report import (
     DECODE_METHODS,
     PREFILL_METHODS,
@@ -147,14 +153,8 @@ def kernel_ms_per_call(fn, calls: int) -> tuple[float | None, list[tuple[str, fl
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = []
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
-        if us:
-            kernels.append((event.key[:90], us / 1e3 / calls))
-    kernels.sort(key=lambda item: -item[1])
-    total = sum(ms for _, ms in kernels)
-    return (total or None), kernels[:12]  # None: the profiler saw no kernels
+    total, top, _ = kernel_summary(prof, calls)
+    return total, top
 
 
 def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int) -> None:
@@ -181,7 +181,13 @@ def bench_decode(model, method: str, context: int, args: argparse.Namespace) -> 
             ms, compile_s, peak, kv = generate_decode_ms(
                 model, method, context, args.decode_steps, args.warmup, args.device, capacity
             )
-            point = Point("decode", method, context, None, ms, peak, kv, compile_s=compile_s)
+            _release()
+            kernels, top = generate_kernel_profile(model, method, context, profiled, args.device, capacity)
+            if args.host_profile:
+                _release()
+                with (args.out / "host-profile.txt").open("a") as log:
+                    log.write(generate_host_profile(model, method, context, profiled, args.device, capacity))
+            point = Point("decode", method, context, None, ms, peak, kv, kernels, top, compile_s=compile_s)
         else:
             point = _bench_step(model, method, context, args, profiled, None if method == "hf" else context + margin)
     except torch.cuda.OutOfMemoryError as err:
@@ -267,6 +273,8 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[16384, 32768, 65536, 100000])
     parser.add_argument("--decode-methods", nargs="*", choices=DECODE_METHODS, default=list(DECODE_METHODS),
                         help="decode methods to run (default: all)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="also cProfile the host side of the generate methods' steps (appended to host-profile.txt)")
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--eager-decode", action="store_true",
