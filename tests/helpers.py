@@ -4,8 +4,10 @@ skip marker for tests that need the SmolLM2 files."""
 from __future__ import annotations
 
 import importlib.util
+import string
 from collections.abc import Iterable
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -56,6 +58,18 @@ def byte_level_tokenizer(corpus: Iterable[str], vocab_size: int, *, chatml: bool
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def padded_batch(
+    rng: np.random.Generator, vocab: int, batch: int, length: int, pads: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids in ``[1, vocab)`` and their padding mask, row ``i`` left-padded (id 0) by ``pads[i]`` tokens."""
+    ids = torch.from_numpy(rng.integers(1, vocab, (batch, length)))
+    padding = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        padding[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, padding
+
+
 def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
     """A random 2-layer Llama (4 query heads, 2 KV heads) in eval mode, seeded with ``torch.manual_seed(0)``; its
     special ids are those of the non-ChatML `byte_level_tokenizer`."""
@@ -73,3 +87,15 @@ def tiny_llama(vocab_size: int) -> LlamaForCausalLM:
         pad_token_id=2,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A tiny tokenizer of 79 tokens, no training: ``<pad>``, ``<s>``, ``</s>`` (ids 0, 1, 2, as in
+    `duo_attn.models.tiny_config`), one token per letter, digit and a few punctuation marks, and a few merged tokens
+    ("the", "ing", "and"), so that a stop string can end inside a token or span several. Every token decodes to plain
+    text (no byte-level fragments); no BOS is added."""
+    merges = [("t", "h"), ("th", "e"), ("i", "n"), ("in", "g"), ("a", "n"), ("an", "d")]
+    tokens = ["<pad>", "<s>", "</s>", *string.ascii_letters, *string.digits, *" .,;!?'-", *("".join(m) for m in merges)]
+    backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

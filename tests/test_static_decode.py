@@ -5,6 +5,7 @@ import pytest
 import torch
 from duo_attn.compat import cache_kwargs
 from duo_reference import DEVICE, chunked_logits, device_model, oracle_logits, oracle_model, position_ids_for
+from helpers import padded_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,15 +22,6 @@ def _model(arch):
     if arch not in _MODELS:
         _MODELS[arch] = device_model(arch)
     return _MODELS[arch]
-
-
-def _padded_batch(rng, vocab, batch, length, pads):
-    ids = torch.from_numpy(rng.integers(1, vocab, (batch, length)))
-    padding = torch.ones(batch, length, dtype=torch.long)
-    for row, pad in enumerate(pads):
-        padding[row, :pad] = 0
-        ids[row, :pad] = 0
-    return ids, padding
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -57,7 +49,7 @@ def test_static_steps_match_the_oracle(
     pads = pads[:batch]
     prompt = sink + max(pads) + prefill + 1  # every row has at least `sink` real tokens
     tail = 5 if back_to_dynamic else 0
-    ids, padding = _padded_batch(rng, cfg.vocab_size, batch, prompt + steps + tail, pads)
+    ids, padding = padded_batch(rng, cfg.vocab_size, batch, prompt + steps + tail, pads)
     oracle = oracle_model(model, mask, sink, recent)
     enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
     try:
@@ -97,7 +89,7 @@ def test_generate_matches_transformers_generate(arch):
     mask = rng.random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
     enable_duo_attention_eval(model, mask, sink_size=6, recent_size=5)
     try:
-        ids, padding = _padded_batch(rng, cfg.vocab_size, 2, 9, [4, 0])
+        ids, padding = padded_batch(rng, cfg.vocab_size, 2, 9, [4, 0])
         ids, padding = ids.to(DEVICE), padding.to(DEVICE)
         with torch.no_grad():
             expected = model.generate(ids, attention_mask=padding, max_new_tokens=20, do_sample=False, pad_token_id=0)
@@ -303,7 +295,7 @@ def test_model_generate_compiles_its_steps_on_a_static_duo_cache(arch):
     enable_duo_attention_eval(model, mask, sink_size=4, recent_size=5)
     compile_config = CompileConfig(backend="eager")
     compile_config._compile_all_devices = True
-    ids, padding = _padded_batch(np.random.default_rng(4), cfg.vocab_size, 2, 12, [3, 0])
+    ids, padding = padded_batch(np.random.default_rng(4), cfg.vocab_size, 2, 12, [3, 0])
     ids, padding = ids.to(DEVICE), padding.to(DEVICE)
     try:
         for options in ({"do_sample": False}, {"do_sample": True, "top_k": 20, "temperature": 0.8}):
