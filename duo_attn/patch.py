@@ -275,8 +275,8 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
     del model.duo_attention
 
 
-COMPILED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE, GenerationMode.BEAM_SEARCH,
-                  GenerationMode.BEAM_SAMPLE)  # fmt: skip
+COMPILED_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)  # the modes whose step generate compiles
+STATIC_MODES = (*COMPILED_MODES, GenerationMode.BEAM_SEARCH, GenerationMode.BEAM_SAMPLE)  # cache_implementation="static"
 COMPILE_DEVICES = ("cuda", "xpu")  # where transformers auto-compiles (its list also has neuron/tpu; not supported)
 
 
@@ -288,9 +288,11 @@ def _static_cache_for_generate(model: torch.nn.Module, state: DuoAttentionState)
         implementation = generation_config.cache_implementation
         if user_cache_given(model, model_kwargs) or generation_config.use_cache is False:
             return None
-        if implementation not in (None, "static") or generation_mode not in COMPILED_MODES:
+        if implementation not in (None, "static") or generation_mode not in STATIC_MODES:
             return None
         if implementation is None:
+            if generation_mode not in COMPILED_MODES:  # beam search runs eagerly: the dynamic cache serves it
+                return None
             compile_config = generation_config.compile_config
             compiles = model.device.type in COMPILE_DEVICES or bool(
                 compile_config is not None and compile_config._compile_all_devices

@@ -273,12 +273,24 @@ def test_return_dict_with_scores_logits_and_the_cache(models, kind, path):
 )
 def test_beam_search(models, kind, path, options):
     """Beam search and beam sampling. transformers' beam search calls the model eagerly at every step (it never
-    uses the compiled step): on the compiled path it decodes eagerly on a `StaticDuoCache`, reordered in place, and
-    on the dynamic path on a `DuoCache`; asserted (no compiled call), so a transformers release that starts
-    compiling beam search shows up here."""
+    uses the compiled step), so by default it gets the dynamic `DuoCache` (test_beam_search_by_default_...); asked
+    for ``cache_implementation="static"`` (the compiled path here) it decodes eagerly on a `StaticDuoCache`,
+    reordered in place. Asserted (no compiled call), so a transformers release that starts compiling beam search
+    shows up here."""
     ids, padding = _batch()
+    if path == "compiled":
+        options = {**options, "cache_implementation": "static"}
     ours, _ = _check(models["llama"], kind, path, ids, padding, eager_steps=True, **options)
     assert ours.shape[0] == 2 * options.get("num_return_sequences", 1)
+
+
+def test_beam_search_by_default_decodes_on_the_dynamic_cache(models):
+    """Where generate would compile but the mode is beam search (never compiled), no static cache is reserved."""
+    ids, padding = _batch()
+    RECORD.caches.clear()
+    _generate(models["llama"].patched["pattern"], ids, padding, num_beams=2, do_sample=False,
+              **PATH_OPTIONS["compiled"])  # fmt: skip
+    assert RECORD.caches == [DuoCache]
 
 
 @pytest.mark.parametrize("padded", [False, True])
