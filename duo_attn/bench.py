@@ -1,9 +1,12 @@
 """Efficiency benchmark: decode latency/memory, pre-fill latency/memory and KV bytes, duo vs full attention.
 
-Models are built from configs with random bf16 weights (speed and memory do not depend on the weights). Three
-methods run side by side in one process: ``hf`` (transformers' SDPA attention with its default DynamicCache),
-``duo-full`` (this library, every head a retrieval head) and ``duo`` (this library with a pattern). Every point also
-prints the ideal ratio (decode: bytes moved, weights + KV; pre-fill: FLOPs) and the achieved fraction of it.
+Models are built from configs with random bf16 weights (speed and memory do not depend on the weights). The methods
+run side by side in one process: ``hf`` (transformers' eager SDPA forward on its default DynamicCache),
+``hf-static`` (transformers' StaticCache under its own generate, which compiles the step: its fastest path),
+``duo-full`` (this library, every head a retrieval head) and ``duo`` (this library with a pattern), both stepped by
+`generate.StaticDecoder` (a CUDA-graph replay per token), and ``duo-generate`` (the duo-patched model's own
+``model.generate``, compiled by transformers on a `StaticDuoCache`). Pre-fill runs hf, duo-full and duo. Every point
+also prints the ideal ratio (decode: bytes moved, weights + KV; pre-fill: FLOPs) and the achieved fraction of it.
 Out-of-memory points are reported as OOM.
 
     python -m duo_attn.bench --help
@@ -33,8 +36,16 @@ from .eval.report import kv_quant_arg
 from .generate import StaticDecoder, compile_decoder_modules
 from .kv_cache import DuoCache, StaticDuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
+from .bench_generate import (
+    GENERATE_METHODS,
+    generate_decode_ms,
+    generate_host_profile,
+    generate_kernel_profile,
+    kernel_summary,
+)
 from .bench_report import (
-    METHODS,
+    DECODE_METHODS,
+    PREFILL_METHODS,
     Point,
     full_kv_bytes,
     markdown_table,
@@ -143,14 +154,8 @@ def kernel_ms_per_call(fn, calls: int) -> tuple[float | None, list[tuple[str, fl
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    kernels = []
-    for event in prof.key_averages():
-        us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
-        if us:
-            kernels.append((event.key[:90], us / 1e3 / calls))
-    kernels.sort(key=lambda item: -item[1])
-    total = sum(ms for _, ms in kernels)
-    return (total or None), kernels[:12]  # None: the profiler saw no kernels
+    total, top, _ = kernel_summary(prof, calls)
+    return total, top
 
 
 def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int, kv_quant: str | None = None) -> None:
@@ -159,40 +164,57 @@ def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int, kv_
         disable_duo_attention(model)
     if method == "duo-full":
         enable_duo_attention_eval(model, np.ones_like(mask), sink_size=sink, recent_size=recent, kv_quant=kv_quant)
-    elif method == "duo":
+    elif method in ("duo", "duo-generate"):
         enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent, kv_quant=kv_quant)
 
 
 @torch.no_grad()
-def bench_decode(model, method: str, context: int, steps: int, warmup: int, device: str, graph: bool) -> Point:
+def bench_decode(model, method: str, context: int, args: argparse.Namespace) -> Point:
     """Per-token latency at ``context`` cached tokens. ``hf`` runs transformers' eager forward on its DynamicCache;
-    the duo methods decode on a static cache, each step a CUDA-graph replay (``graph``) or an eager forward."""
+    duo-full and duo decode on a static cache, each step a CUDA-graph replay (or an eager forward with
+    ``--eager-decode``); the generate methods are timed inside ``model.generate`` (bench_generate)."""
     torch.cuda.empty_cache()
-    profiled = 10
+    profiled, margin = 10, args.warmup + args.decode_steps + 11
     try:
-        capacity = None if method == "hf" else context + warmup + steps + profiled + 1
-        cache = make_cache(model, method, context, device, capacity)
-        token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        if isinstance(cache, DuoCache):
-            decoder = StaticDecoder(model, cache, cuda_graph=graph)
-            step = lambda: decoder(token)  # noqa: E731
+        if method in GENERATE_METHODS:
+            # duo-generate: one capacity for every context (its step is compiled once); hf-static: sized per
+            # context, as its generate sizes it (its attention reads the whole buffer)
+            capacity = context + margin if method == "hf-static" else max(args.decode_contexts) + margin
+            ms, compile_s, peak, kv = generate_decode_ms(
+                model, method, context, args.decode_steps, args.warmup, args.device, capacity
+            )
+            _release()
+            kernels, top = generate_kernel_profile(model, method, context, profiled, args.device, capacity)
+            if args.host_profile:
+                _release()
+                with (args.out / "host-profile.txt").open("a") as log:
+                    log.write(generate_host_profile(model, method, context, profiled, args.device, capacity))
+            point = Point("decode", method, context, None, ms, peak, kv, kernels, top, compile_s=compile_s)
         else:
-            step = lambda: model(token, **cache_kwargs(model, cache), use_cache=True)  # noqa: E731
-        for _ in range(warmup):
-            step()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        times = [_event_ms(step) for _ in range(steps)]
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        kernels, top = kernel_ms_per_call(step, profiled)
-        point = Point("decode", method, context, None, statistics.median(times), peak, kv_bytes(cache),
-                      kernels, top)
+            point = _bench_step(model, method, context, args, profiled, None if method == "hf" else context + margin)
     except torch.cuda.OutOfMemoryError as err:
         print(f"OOM: decode {method} {context}: {str(err).splitlines()[0]}")
         point = Point("decode", method, context, None, None, None, None)
-    cache = decoder = step = None
     _release()
     return point
+
+
+def _bench_step(model, method: str, context: int, args: argparse.Namespace, profiled: int, capacity: int | None):
+    cache = make_cache(model, method, context, args.device, capacity)
+    token = torch.zeros(1, 1, dtype=torch.long, device=args.device)
+    if isinstance(cache, DuoCache):
+        decoder = StaticDecoder(model, cache, cuda_graph=not args.eager_decode)
+        step = lambda: decoder(token)  # noqa: E731
+    else:
+        step = lambda: model(token, **cache_kwargs(model, cache), use_cache=True)  # noqa: E731
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = [_event_ms(step) for _ in range(args.decode_steps)]
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    kernels, top = kernel_ms_per_call(step, profiled)
+    return Point("decode", method, context, None, statistics.median(times), peak, kv_bytes(cache), kernels, top)
 
 
 def _release() -> None:
@@ -251,6 +273,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sink", type=int, default=128)
     parser.add_argument("--recent", type=int, default=256)
     parser.add_argument("--decode-contexts", type=int, nargs="*", default=[16384, 32768, 65536, 100000])
+    parser.add_argument("--decode-methods", nargs="*", choices=DECODE_METHODS, default=list(DECODE_METHODS),
+                        help="decode methods to run (default: all)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="also cProfile the host side of the generate methods' steps (appended to host-profile.txt)")
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--eager-decode", action="store_true",
@@ -282,11 +308,11 @@ class _Run:
     bandwidth: float
     points: list = field(default_factory=list)
 
-    def measure(self, values: list, measure_one: Callable[[str, int], Point]) -> list[Point]:
+    def measure(self, methods, values: list, measure_one: Callable[[str, int], Point]) -> list[Point]:
         """``measure_one(method, value)`` for every method (the model switched to it) and value; the results file
         is rewritten after every point, so a run cut short keeps what it measured."""
         measured = []
-        for method in METHODS:
+        for method in methods:
             set_method(self.model, method, self.mask, self.args.sink, self.args.recent, self.args.kv_quant)
             for value in values:
                 point = measure_one(method, value)
@@ -299,8 +325,8 @@ class _Run:
 
 def _decode_report(run: _Run) -> list[str]:
     args, name = run.args, run.name
-    decode = run.measure(args.decode_contexts, lambda method, context: bench_decode(
-        run.model, method, context, args.decode_steps, args.warmup, args.device, graph=not args.eager_decode
+    decode = run.measure(args.decode_methods, args.decode_contexts, lambda method, context: bench_decode(
+        run.model, method, context, args
     ))  # fmt: skip
     rows = summarise_decode(decode, run.model.config, run.wbytes, run.bandwidth)
     profile = []
@@ -308,14 +334,14 @@ def _decode_report(run: _Run) -> list[str]:
         profile.append(f"{p.method} @ {p.context}: {p.kernel_ms} ms of kernels per token; heaviest:")
         profile += [f"  {ms:8.3f} ms  {kernel}" for kernel, ms in p.top_kernels or []]
     (args.out / f"{name}-kernels.txt").write_text("\n".join(profile) + "\n")
-    plot(rows, "context", ["hf ms", "duo-full ms", "duo ms"], "ms / token", f"decode, {name}",
+    plot(rows, "context", [f"{m} ms" for m in DECODE_METHODS], "ms / token", f"decode, {name}",
          args.out / f"decode-{name}.png")  # fmt: skip
     return ["## Decode (median ms per token)", "", markdown_table(rows, list(rows[0])), ""]
 
 
 def _prefill_report(run: _Run) -> list[str]:
     args, name = run.args, run.name
-    prefill = run.measure(args.prefill_chunks, lambda method, chunk: bench_prefill(
+    prefill = run.measure(PREFILL_METHODS, args.prefill_chunks, lambda method, chunk: bench_prefill(
         run.model, method, args.prefill_context, chunk, args.device
     ))  # fmt: skip
     window = args.sink + args.recent

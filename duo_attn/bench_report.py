@@ -8,7 +8,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-METHODS = ("hf", "duo-full", "duo")  # transformers' SDPA attention; duo with every head retrieval; duo with a pattern
+# transformers' eager forward on its DynamicCache; its StaticCache under its own compiled generate; duo with every head
+# retrieval and with a pattern, each step a CUDA-graph replay (StaticDecoder); the duo-patched model's own generate
+DECODE_METHODS = ("hf", "hf-static", "duo-full", "duo", "duo-generate")
+PREFILL_METHODS = ("hf", "duo-full", "duo")
 
 
 @dataclass
@@ -22,6 +25,10 @@ class Point:
     kv_bytes: int | None
     kernel_ms: float | None = None  # decode: GPU kernel time per token (what a launch-free step would take)
     top_kernels: list | None = None  # decode: the heaviest kernels, (name, ms per token)
+    compile_s: float | None = None  # generate methods: the longest warm-up step (where the step was compiled)
+
+
+_MISSING = Point("decode", "", 0, None, None, None, None)  # a method not measured in this run
 
 
 def full_kv_bytes(config, tokens: int) -> int:
@@ -60,22 +67,38 @@ def _ratio(a, b):
 
 
 def summarise_decode(points: list[Point], config, wbytes: int, bandwidth: float) -> list[dict]:
+    """One row per context: every method's ms, duo's speedups with the ideal byte ratio next to them, the share of
+    copy bandwidth each duo step reaches, and peak memory. Columns that need a method this run did not measure are
+    left out; a measured point without a time ran out of memory."""
+    measured = {p.method for p in points}
     by = {(p.method, p.context): p for p in points}
     rows = []
     for context in sorted({p.context for p in points}):
-        hf, full, duo = (by.get((m, context)) for m in METHODS)
-        ideal = _ratio(wbytes + full_kv_bytes(config, context), wbytes + duo.kv_bytes) if duo.kv_bytes else None
-        vs_hf, vs_full = _ratio(hf.ms, duo.ms), _ratio(full.ms, duo.ms)
-        rows.append({
-            "context": context,
-            "hf ms": hf.ms, "duo-full ms": full.ms, "duo ms": duo.ms, "ideal": ideal,
-            "speedup vs hf": vs_hf, "of ideal (hf)": _ratio(vs_hf, ideal),
-            "speedup vs duo-full": vs_full, "of ideal (duo-full)": _ratio(vs_full, ideal),
-            "duo BW % copy": _bandwidth_share(wbytes + (duo.kv_bytes or 0), duo.ms, bandwidth),
-            "duo-full BW % copy": _bandwidth_share(wbytes + full_kv_bytes(config, context), full.ms, bandwidth),
-            "hf GiB": hf.peak_gib, "duo-full GiB": full.peak_gib, "duo GiB": duo.peak_gib,
-            "kernel ms hf": hf.kernel_ms, "kernel ms duo-full": full.kernel_ms, "kernel ms duo": duo.kernel_ms,
-        })
+        hf, static, full, duo, gen = (by.get((m, context)) or _MISSING for m in DECODE_METHODS)
+        duo_kv = duo.kv_bytes or gen.kv_bytes
+        ideal = _ratio(wbytes + full_kv_bytes(config, context), wbytes + duo_kv) if duo_kv else None
+        vs_full = _ratio(full.ms, duo.ms)
+        columns = [
+            ("context", context, ()),
+            *((f"{m} ms", p.ms, (m,)) for m, p in zip(DECODE_METHODS, (hf, static, full, duo, gen))),
+            ("ideal", ideal, ()),
+            ("duo-generate / duo", _ratio(gen.ms, duo.ms), ("duo", "duo-generate")),
+            ("speedup vs hf", _ratio(hf.ms, duo.ms), ("hf", "duo")),
+            ("duo-generate vs hf-static", _ratio(static.ms, gen.ms), ("hf-static", "duo-generate")),
+            ("speedup vs duo-full", vs_full, ("duo-full", "duo")),
+            ("of ideal (duo-full)", _ratio(vs_full, ideal), ("duo-full", "duo")),
+            ("duo BW % copy", _bandwidth_share(wbytes + (duo.kv_bytes or 0), duo.ms, bandwidth), ("duo",)),
+            ("duo-generate BW % copy", _bandwidth_share(wbytes + (gen.kv_bytes or 0), gen.ms, bandwidth),
+             ("duo-generate",)),
+            ("duo-full BW % copy", _bandwidth_share(wbytes + full_kv_bytes(config, context), full.ms, bandwidth),
+             ("duo-full",)),
+            *((f"{m} GiB", p.peak_gib, (m,)) for m, p in zip(DECODE_METHODS, (hf, static, full, duo, gen))),
+            ("hf-static compile s", static.compile_s, ("hf-static",)),
+            ("duo-generate compile s", gen.compile_s, ("duo-generate",)),
+            ("kernel ms duo-full", full.kernel_ms, ("duo-full",)),
+            ("kernel ms duo", duo.kernel_ms, ("duo",)),
+        ]  # fmt: skip
+        rows.append({name: value for name, value, needs in columns if measured.issuperset(needs)})
     return rows
 
 
@@ -87,7 +110,7 @@ def summarise_prefill(points: list[Point], config, retrieval: float, window: int
     by = {(p.method, p.chunk): p for p in points}
     rows = []
     for chunk in sorted({p.chunk for p in points}):
-        hf, full, duo = (by.get((m, chunk)) for m in METHODS)
+        hf, full, duo = (by.get((m, chunk)) for m in PREFILL_METHODS)
         context = hf.context
         ideal = prefill_flops(config, context, chunk, 1.0, None) / prefill_flops(config, context, chunk, retrieval, window)
         ideal_memory = _ratio(wbytes + full_kv_bytes(config, context), wbytes + duo.kv_bytes) if duo.kv_bytes else None

@@ -159,28 +159,35 @@ PASSKEY_PROMPT = "The grass is green. The sky is blue. " * 25 + "The pass key is
 ) + "What is the pass key?"
 
 
-def _ms_per_token(fn: Callable[[], torch.Tensor], new_tokens: int, device: torch.device) -> tuple[float, torch.Tensor]:
-    """Wall time per new token (pre-fill included) of a second run; the first compiles, captures and warms up."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / new_tokens, out
+def _decode_ms(fn: Callable[[int], torch.Tensor], new_tokens: int, device: torch.device) -> tuple[float, torch.Tensor]:
+    """Milliseconds per decoded token, the pre-fill excluded: ``fn(n)`` generates ``n`` tokens; after a warm-up run
+    (compilation, capture), the time of ``n = 1`` is taken from that of ``n = new_tokens``."""
+
+    def timed(n: int) -> tuple[float, torch.Tensor]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn(n)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, out
+
+    fn(new_tokens)
+    one, _ = timed(1)
+    many, out = timed(new_tokens)
+    return (many - one) * 1e3 / (new_tokens - 1), out
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .patterns import SHIPPED_PATTERNS, default_pattern
-    from .models import DTYPES
-    from .models import SMOLLM2, load_model
+    from .models import DTYPES, SMOLLM2, load_model
     from .patch import disable_duo_attention, enable_duo_attention_eval
+    from .patterns import SHIPPED_PATTERNS, default_pattern
 
     parser = argparse.ArgumentParser(
         prog="duo-attn generate",
-        description="Greedy generation with duo attention (static cache; a CUDA graph on GPUs), timed against "
-        "transformers' generate with full attention and with duo attention on its dynamic cache."
+        description="Greedy generation with duo attention, timed per decoded token against transformers' generate "
+        "(eager on its dynamic cache, and compiled on its static cache), the patched model's own generate (compiled on "
+        "a StaticDuoCache where transformers compiles, i.e. on CUDA; eager with disable_compile) and duo_attn.generate.",
     )
     parser.add_argument("--model", default=SMOLLM2, help="'smollm2' (offline) or a local model directory")
     parser.add_argument("--pattern", type=Path, default=default_pattern(SHIPPED_PATTERNS))
@@ -194,32 +201,43 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.pattern is None or not args.pattern.is_dir():
         parser.error(f"--pattern {args.pattern} is not a pattern directory")
+    if args.max_new_tokens < 2:
+        parser.error("--max-new-tokens must be at least 2 (the time per token is a difference of two runs)")
 
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
     )
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
-    new = args.max_new_tokens
+    new, device = args.max_new_tokens, model.device
 
-    def hf_generate() -> torch.Tensor:
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        return out[:, ids.shape[1] :]
+    def hf_generate(**options):
+        def run(n: int) -> torch.Tensor:
+            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, **options)  # fmt: skip
+            return out[:, ids.shape[1] :]
 
-    rows = [("transformers generate, full attention", *_ms_per_token(hf_generate, new, model.device))]
+        return run
+
+    rows = [
+        ("model.generate, unpatched (dynamic cache)", *_decode_ms(hf_generate(), new, device)),
+        ('model.generate, unpatched, cache_implementation="static"',
+         *_decode_ms(hf_generate(cache_implementation="static"), new, device)),
+    ]  # fmt: skip
     enable_duo_attention_eval(model, args.pattern, sparsity=args.sparsity)
-    rows.append(("transformers generate, duo (dynamic cache)", *_ms_per_token(hf_generate, new, model.device)))
+    rows.append(("model.generate, duo-patched", *_decode_ms(hf_generate(), new, device)))
+    rows.append(("model.generate, duo-patched, disable_compile=True",
+                 *_decode_ms(hf_generate(disable_compile=True), new, device)))  # fmt: skip
     rows.append(("duo_attn.generate, eager steps",
-                 *_ms_per_token(lambda: generate(model, ids, new, cuda_graph=False), new, model.device)))
-    if model.device.type == "cuda":
-        graphed = _ms_per_token(lambda: generate(model, ids, new), new, model.device)
-        rows.append(("duo_attn.generate, CUDA graph", *graphed))
+                 *_decode_ms(lambda n: generate(model, ids, n, cuda_graph=False), new, device)))  # fmt: skip
+    if device.type == "cuda":
+        rows.append(("duo_attn.generate, CUDA graph", *_decode_ms(lambda n: generate(model, ids, n), new, device)))
     disable_duo_attention(model)
 
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{args.model}, {args.dtype}, {ids.shape[1]}-token prompt, {new} new tokens, pattern {args.pattern.name} "
-          f"at sparsity {args.sparsity}, {torch.cuda.get_device_name() if model.device.type == 'cuda' else 'CPU'}\n")
-    print("| method | ms per new token (pre-fill included) | output |\n|---|---|---|")
+          f"at sparsity {args.sparsity}, {where}, torch {torch.__version__}\n")  # fmt: skip
+    print("| method | ms per decoded token | output |\n|---|---|---|")
     for label, ms, out in rows:
         answer = tokenizer.decode(out[0], skip_special_tokens=True).replace("\n", " ").replace("|", "/")
         print(f"| {label} | {ms:.2f} | {answer[:60]} |")

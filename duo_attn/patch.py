@@ -330,8 +330,8 @@ def _prepare_duo_cache(state: DuoAttentionState):
             use_cache = getattr(module.config, "use_cache", True)
         if cache is None and use_cache and not (module.training and getattr(module, "gradient_checkpointing", False)):
             cache = state.new_cache()
-        elif type(cache) is DynamicCache and cache.get_seq_length() == 0:
-            cache = state.new_cache()  # generate()'s default cache, still empty
+        elif type(cache) is DynamicCache and cache.get_seq_length() == 0 and not getattr(cache, "offloading", False):
+            cache = state.new_cache()  # generate()'s default cache, still empty (an offloaded one is refused below)
         elif cache is not None and not isinstance(cache, DuoCache):
             raise DuoCacheError(
                 f"a duo-attention model got a {type(cache).__name__}: its keys and values must live in a DuoCache. "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from duo_attn import bench, bench_report
-from duo_attn.bench_report import METHODS, Point
+from duo_attn.bench_report import DECODE_METHODS, Point
 
 
 def _config(shape="llama2-7b"):
@@ -34,6 +34,8 @@ def test_decode_summary_reports_ratios_and_marks_out_of_memory_points():
         Point("decode", "hf", 100_000, None, 60.0, 60.0, full_kv, 55.0),
         Point("decode", "duo-full", 100_000, None, 25.0, 60.0, full_kv, 24.0),
         Point("decode", "duo", 100_000, None, 12.5, 25.0, full_kv // 4, 11.0),
+        Point("decode", "hf-static", 100_000, None, 30.0, 60.0, full_kv, compile_s=40.0),
+        Point("decode", "duo-generate", 100_000, None, 13.75, 26.0, full_kv // 4, compile_s=30.0),
         Point("decode", "hf", 400_000, None, None, None, None),
         Point("decode", "duo-full", 400_000, None, None, None, None),
         Point("decode", "duo", 400_000, None, 25.0, 60.0, bench_report.full_kv_bytes(config, 400_000) // 4, 24.0),
@@ -44,13 +46,18 @@ def test_decode_summary_reports_ratios_and_marks_out_of_memory_points():
     assert first["speedup vs duo-full"] == 2.0 and first["speedup vs hf"] == 4.8
     assert first["of ideal (duo-full)"] == pytest.approx(2.0 / first["ideal"])
     assert first["duo BW % copy"] == pytest.approx(100 * (wbytes + full_kv // 4) / 0.0125 / bandwidth)
+    assert first["duo-generate / duo"] == pytest.approx(1.1) and first["duo-generate vs hf-static"] == pytest.approx(30 / 13.75)
+    assert first["hf-static compile s"] == 40.0
     assert last["speedup vs hf"] is None and last["duo ms"] == 25.0
+    assert last["duo-generate ms"] is None and last["duo-generate / duo"] is None  # not measured at that context
+    only_duo = bench_report.summarise_decode(points[2:3], config, wbytes, bandwidth)[0]
+    assert "hf ms" not in only_duo and "speedup vs hf" not in only_duo and only_duo["duo ms"] == 12.5
     table = bench_report.markdown_table(rows, list(first))
     last_line = table.splitlines()[-1].split(" | ")
     columns = list(first)
     assert last_line[columns.index("hf ms")] == "OOM"  # a measurement that did not fit
     assert last_line[columns.index("speedup vs hf")] == "–"  # a ratio that needs it
-    assert last_line[columns.index("kernel ms hf")] == "–"
+    assert last_line[columns.index("kernel ms duo-full")] == "–"
 
 
 def test_prefill_summary_memory_ideal():
@@ -80,9 +87,9 @@ def test_head_mask_uses_the_published_pattern_or_a_seeded_random_one(tmp_path):
 
 def test_points_are_saved_as_json(tmp_path):
     path = tmp_path / "run.json"
-    bench_report.save_points(path, {"shape": "x"}, [Point("decode", m, 8, None, 1.0, 2.0, 3) for m in METHODS])
+    bench_report.save_points(path, {"shape": "x"}, [Point("decode", m, 8, None, 1.0, 2.0, 3) for m in DECODE_METHODS])
     saved = json.loads(path.read_text())
-    assert saved["meta"] == {"shape": "x"} and [p["method"] for p in saved["points"]] == list(METHODS)
+    assert saved["meta"] == {"shape": "x"} and [p["method"] for p in saved["points"]] == list(DECODE_METHODS)
 
 
 def test_the_benchmark_refuses_to_run_without_a_gpu(capsys):
@@ -101,3 +108,33 @@ def test_the_patterns_default_and_a_missing_directory_named_by_its_flag(tmp_path
         bench.main(["--patterns-dir", str(tmp_path / "missing")])
     err = capsys.readouterr().err
     assert "--patterns-dir" in err and bench.PATTERNS_ENV in err and "--random-heads" in err
+
+
+@pytest.mark.parametrize("method", ["hf-static", "duo-generate"])
+def test_generate_decode_continues_from_the_filled_cache_and_times_every_step(method, monkeypatch):
+    """The generate methods' mechanism on the CPU (eager steps): generate takes the pre-filled cache, runs only the
+    new token through the model, and the clock sees every decoding step."""
+    from duo_attn import bench_generate
+    from duo_attn.models import tiny_model
+    from duo_attn.patch import enable_duo_attention_eval
+
+    model = tiny_model("llama")
+    config = model.config
+    if method == "duo-generate":
+        mask = np.zeros((config.num_hidden_layers, config.num_key_value_heads), dtype=bool)
+        mask[:, 0] = True
+        enable_duo_attention_eval(model, mask, sink_size=4, recent_size=8)
+    seen = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: seen.append(k["input_ids"].shape[1]) or forward(*a, **k))
+    ms, compile_s, _, kv = bench_generate.generate_decode_ms(model, method, 40, steps=4, warmup=2, device="cpu",
+                                                             capacity=64)  # fmt: skip
+    assert seen == [1] * 7  # the 40 cached tokens are never run again: one token per step, warm-up included
+    assert ms > 0 and compile_s > 0
+    head_dim = config.hidden_size // config.num_attention_heads
+    token_bytes = 2 * config.num_hidden_layers * head_dim * 4  # keys + values, fp32, per KV head and token
+    if method == "hf-static":
+        assert kv == 64 * config.num_key_value_heads * token_bytes  # the whole reserved buffer
+    else:
+        # one retrieval head per layer holds the 40 cached + 7 fed tokens; the others, their sink + recent slots
+        assert kv == 47 * token_bytes + (4 + 8) * (config.num_key_value_heads - 1) * token_bytes

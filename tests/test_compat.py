@@ -147,6 +147,14 @@ def test_generate_s_static_cache_is_a_static_duo_cache_or_refused():
         model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="static")
 
 
+def test_generate_s_offloaded_cache_is_refused_not_ignored():
+    """An offloaded DynamicCache looks like generate's default one; replacing it would drop what the user asked for."""
+    model = _patched()
+    ids = torch.randint(1, model.config.vocab_size, (1, 8)).to(DEVICE)
+    with pytest.raises(DuoCacheError, match="must live in a DuoCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0, cache_implementation="offloaded")
+
+
 def test_the_cache_under_both_names_or_an_unknown_name_is_refused():
     model = _patched()
     ids = torch.randint(1, model.config.vocab_size, (1, 8)).to(DEVICE)

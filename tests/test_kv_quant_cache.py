@@ -305,3 +305,25 @@ def test_a_cache_of_another_kv_quant_is_refused_before_it_changes():
             assert cache.get_seq_length() == 5
     finally:
         disable_duo_attention(model)
+
+
+def test_model_generate_compiles_its_quantized_static_steps():
+    """transformers' compiled decode step (forced on the CPU, eager backend) over a quantized StaticDuoCache: the
+    store's device-index write and decode op trace into the step, and give the eager dynamic cache's tokens."""
+    from transformers import CompileConfig
+
+    model = _model("llama")
+    cfg = model.config
+    mask = np.array([[True, False], [False, True]])
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    ids = torch.randint(1, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    enable_duo_attention_eval(model, mask, sink_size=4, recent_size=5, kv_quant="int4")
+    try:
+        runs = [
+            model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, **extra)
+            for extra in ({"disable_compile": True}, {"compile_config": compile_config})
+        ]
+        assert torch.equal(runs[0], runs[1]) and model.duo_attention.static_capacity >= 19
+    finally:
+        disable_duo_attention(model)

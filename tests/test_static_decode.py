@@ -279,11 +279,14 @@ def test_generate_cli_compares_the_paths_on_a_local_model(tmp_path, capsys):
     out = capsys.readouterr().out
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row[0] for row in rows] == [
-        "| transformers generate, full attention",
-        "| transformers generate, duo (dynamic cache)",
+        "| model.generate, unpatched (dynamic cache)",
+        '| model.generate, unpatched, cache_implementation="static"',
+        "| model.generate, duo-patched",
+        "| model.generate, duo-patched, disable_compile=True",
         "| duo_attn.generate, eager steps",
     ]
-    assert rows[1][2] == rows[2][2]  # both duo paths generate the same text
+    assert rows[0][2] == rows[1][2]  # transformers' two caches generate the same text
+    assert rows[2][2] == rows[3][2] == rows[4][2]  # so do the duo paths
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path / "model"), "--pattern", str(tmp_path / "nowhere")])
 
@@ -312,5 +315,32 @@ def test_model_generate_compiles_its_steps_on_a_static_duo_cache(arch):
                                            **extra))  # fmt: skip
             assert torch.equal(runs[0], runs[1]), options
         assert model.duo_attention.static_capacity >= 19  # max_length - 1
+    finally:
+        disable_duo_attention(model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers auto-compiles generate on a GPU only")
+def test_model_generate_on_cuda_compiles_with_inductor_and_graphs_and_matches_eager():
+    """What a user gets on a GPU: generate's default compile (inductor, CUDA graphs) on a StaticDuoCache, traced
+    once for two calls of different lengths, with the tokens of the eager dynamic cache."""
+    import torch._dynamo
+
+    model = device_model("llama").cuda()
+    cfg = model.config
+    mask = np.random.default_rng(5).random((cfg.num_hidden_layers, cfg.num_key_value_heads)) < 0.5
+    enable_duo_attention_eval(model, mask, sink_size=4, recent_size=8)
+    ids, padding = _padded_batch(np.random.default_rng(6), cfg.vocab_size, 2, 40, [5, 0])
+    ids, padding = ids.cuda(), padding.cuda()
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]
+    try:
+        traced = []
+        for new in (24, 16):
+            eager = model.generate(ids, attention_mask=padding, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                                   disable_compile=True)  # fmt: skip
+            compiled = model.generate(ids, attention_mask=padding, max_new_tokens=new, do_sample=False, pad_token_id=0)
+            assert torch.equal(compiled, eager), new
+            traced.append(graphs["unique_graphs"])
+        assert traced[0] >= 1 and traced[1] == traced[0], traced  # compiled, and not traced again for the 2nd call
     finally:
         disable_duo_attention(model)
