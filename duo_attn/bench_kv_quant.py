@@ -219,11 +219,19 @@ def measure_decode(run: Run, section: str, kv_quant: str | None, context: int, c
             point.reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
             if cap_gib is not None and point.reserved_gib > cap_gib:
                 point.status = "over cap"
-    except torch.cuda.OutOfMemoryError as err:
-        point.status, point.note = "OOM", str(err).splitlines()[0][:200]
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+        _out_of_memory(err, point)
     cache = decoder = None  # noqa: F841 (dropped before the release, so their memory goes back)
     _release(device)
     return run.record(point)
+
+
+def _out_of_memory(err: RuntimeError, point: Point) -> None:
+    """Record an out-of-memory error as the point's status (the allocator's, or a CUDA call's during graph capture);
+    any other error is raised."""
+    if not isinstance(err, torch.cuda.OutOfMemoryError) and "out of memory" not in str(err).lower():
+        raise err
+    point.status, point.note = "OOM", str(err).splitlines()[0][:200]
 
 
 def _predicted_capacity(points: list[Point], limit_bytes: int) -> int | None:
@@ -328,8 +336,8 @@ def prefill_section(run: Run) -> None:
             decoder(token)
         _sync(device)
         point.ms = statistics.median(_time_ms(lambda: decoder(token), device) for _ in range(args.decode_steps))
-    except torch.cuda.OutOfMemoryError as err:
-        point.status, point.note = "OOM", str(err).splitlines()[0][:200]
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one
+        _out_of_memory(err, point)
     cache = decoder = None  # noqa: F841
     _release(device)
     run.record(point)
@@ -352,7 +360,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--uncapped-contexts", type=int, nargs="*", default=[6_000_000])
     parser.add_argument("--no-search", dest="search", action="store_false",
                         help="do not search the largest context that fits (GPU only)")
-    parser.add_argument("--search-steps", type=int, default=5, help="tries of the search, per cap")
+    parser.add_argument("--search-steps", type=int, default=4, help="tries of the search, per cap")
     parser.add_argument("--speed-contexts", type=int, nargs="*", default=[250_000, 1_000_000, 1_500_000],
                         help="contexts where bf16 duo also fits")  # fmt: skip
     parser.add_argument("--prefill-context", type=int, default=1_000_000)

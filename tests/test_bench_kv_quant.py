@@ -94,3 +94,11 @@ def test_bad_arguments_are_named(capsys):
         with pytest.raises(SystemExit):
             bench_kv_quant.main([])
         assert "no GPU here" in capsys.readouterr().err
+
+
+def test_out_of_memory_is_a_status_and_other_errors_are_raised():
+    point = Point("capacity", "int4", 10, 80.0, "ok")
+    bench_kv_quant._out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB\nmore"), point)
+    assert point.status == "OOM" and point.note == "CUDA out of memory. Tried to allocate 2 GiB"
+    with pytest.raises(RuntimeError, match="a real bug"):
+        bench_kv_quant._out_of_memory(RuntimeError("a real bug"), Point("capacity", "int4", 10, None, "ok"))
