@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from transformers import PreTrainedConfig
 
 from . import bench
 from .bench_kv_quant_report import GIB, Point, markdown_report, save
@@ -69,7 +70,9 @@ def build_model(shape: str, device: str) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def fill_random(cache: DuoCache, config, tokens: int, device: torch.device, block: int = FILL_BLOCK) -> None:
+def fill_random(
+    cache: DuoCache, config: PreTrainedConfig, tokens: int, device: torch.device, block: int = FILL_BLOCK
+) -> None:
     """Write ``tokens`` random keys and values into every layer of an empty ``cache`` through its own write path:
     chunks of ``block`` tokens planned by `DuoCache.begin_step` and written by ``Cache.update`` (a quantized cache
     quantizes each chunk as it is written), without a forward pass."""

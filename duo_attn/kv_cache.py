@@ -119,15 +119,6 @@ class _DuoLayerStorage(CacheLayerMixin):
             self.stream_keys[b, :, s] = new_k[b, :, t]
             self.stream_values[b, :, s] = new_v[b, :, t]
 
-    def _map_batch(self, fn) -> None:
-        """A batch map (beam reorder, repeat, selection) into new buffers: the store's and the streaming slots'."""
-        if self.store is not None:
-            self.store = self.store.map_batch(fn)
-        for name in ("stream_keys", "stream_values"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
@@ -198,6 +189,15 @@ class DuoCacheLayer(_DuoLayerStorage):
         self.length = 0
         self.store = self.stream_keys = self.stream_values = None
         self.is_initialized = False
+
+    def _map_batch(self, fn) -> None:
+        """A batch map (beam reorder, repeat, selection) into new buffers: the store's and the streaming slots'."""
+        if self.store is not None:
+            self.store = self.store.map_batch(fn)
+        for name in ("stream_keys", "stream_values"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
