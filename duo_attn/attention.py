@@ -1,12 +1,17 @@
 """The attention function registered with transformers: one function for every supported architecture, and the
 one place that chooses kernels.
 
-With a `DuoCache` the cache hands over a `DuoKV` (retrieval heads' keys so far, streaming heads' sink + recent slots,
-and the step's plan) or, while static, a `StaticDuoKV` (whole reserved buffers); without one (``use_cache=False``)
-the same rule is applied to plain key/value tensors with explicit masks. Dense calls use SDPA, which avoids
-materialising the repeated K/V of grouped-query attention (``enable_gqa``); flash-attn, when installed, takes the
-unmasked CUDA calls, FlexAttention the streaming heads' pre-fill chunks, and static steps the decode kernel
-(kernels/). A step's masks are derived once, by the first layer, and shared by the others.
+With a `DuoCache` the cache hands over a `DuoKV` (retrieval heads' store and the step's own keys, streaming heads'
+sink + recent slots, and the step's plan) or, while static, a `StaticDuoKV` (whole reserved buffers); without one
+(``use_cache=False``) the same rule is applied to plain key/value tensors with explicit masks. Dense calls use SDPA,
+which avoids materialising the repeated K/V of grouped-query attention (``enable_gqa``); flash-attn, when installed,
+takes the unmasked CUDA calls, FlexAttention the streaming heads' pre-fill chunks, and static steps (and one-token
+steps over a quantized store) the decode kernel of their store (kernels/). A step's masks are derived once, by the
+first layer, and shared by the others.
+
+Over a quantized store (``kv_quant``) a chunk of several tokens attends to the stored tokens before it,
+dequantized, and to itself as computed (full precision); a one-token step reads every key from the store, its own
+included, as a static step must (the decode kernel reads only the store), so dynamic and static decoding agree.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from .heads import HeadLayout, merge_heads, select_heads
 from .kernels.decode import decode_attention
 from .kernels.dense import flash_attention, sdpa, use_flash_attn
 from .kernels.flex import BlockMask, flex_streaming_attention, streaming_block_mask, use_flex
+from .kernels.quant_decode import store_decode_attention
 from .kv_cache import DuoKV, StaticDuoKV
 from .masks import allowed_keys, positions_from_padding
 from .plan import DuoStep
+from .stores import QuantizedStore
 
 ATTENTION_NAME = "duo_attn"
 
@@ -108,19 +115,40 @@ def _streaming_mask(step: DuoStep, device: torch.device) -> torch.Tensor | Block
     return step.memo["streaming"]
 
 
+def _decode_validity(step: DuoStep) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(length, key_pos)`` of a one-token dynamic step in the decode kernel's terms. A padding query may read every
+    key (`allowed_keys`), so its row of ``key_pos`` is made all valid: a fully masked row would give NaN."""
+    if "decode" not in step.memo:
+        device = step.query_pos.device
+        length = torch.full((1,), step.cached_before + 1, dtype=torch.int32, device=device)
+        key_pos = None if step.key_pos is None else step.key_pos.masked_fill(step.query_pos < 0, 0)
+        step.memo["decode"] = length, key_pos
+    return step.memo["decode"]
+
+
+def _attend_retrieval(q: torch.Tensor, kv: DuoKV, scaling: float | None) -> torch.Tensor:
+    """The retrieval heads of a dynamic step: a one-token step over a quantized store through its decode kernel
+    (codes read in place: no dequantized copy of the cache), anything else over `KVStore.read_with_chunk`."""
+    step, store = kv.step, kv.full_store
+    if step.num_new == 1 and isinstance(store, QuantizedStore):
+        length, key_pos = _decode_validity(step)
+        return store_decode_attention(store.prefix(step.cached_before + 1), q, length, key_pos, scaling)
+    keys, values = store.read_with_chunk(step.cached_before, kv.new_keys, kv.new_values)
+    mask, causal = _retrieval_masks(step)
+    if mask is None and use_flash_attn(q):  # bottom-right alignment covers both causal cases
+        return flash_attention(q, keys, values, causal is not None, scaling)
+    if causal == "lower_right":  # flash attention's alignment for a chunk after a cache
+        mask = causal_lower_right(q.shape[2], keys.shape[2])
+    return sdpa(q, keys, values, mask, causal == "top_left", scaling)
+
+
 def _attend_dynamic(query: torch.Tensor, kv: DuoKV, scaling: float | None) -> torch.Tensor:
     layout, step = kv.layout, kv.step
     n_q = query.shape[1]
     retrieval_out = streaming_out = None
     if layout.retrieval_kv:
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
-        mask, causal = _retrieval_masks(step)
-        if mask is None and use_flash_attn(q):  # bottom-right alignment covers both causal cases
-            retrieval_out = flash_attention(q, kv.full_keys, kv.full_values, causal is not None, scaling)
-        else:
-            if causal == "lower_right":  # flash attention's alignment for a chunk after a cache
-                mask = causal_lower_right(q.shape[2], kv.full_keys.shape[2])
-            retrieval_out = sdpa(q, kv.full_keys, kv.full_values, mask, causal == "top_left", scaling)
+        retrieval_out = _attend_retrieval(q, kv, scaling)
     if layout.streaming_kv:
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)
         mask = _streaming_mask(step, query.device)
@@ -144,8 +172,8 @@ def _attend_static(query: torch.Tensor, kv: StaticDuoKV, scaling: float | None) 
         retrieval_out, streaming_out = merged[:, :split], merged[:, split:]
     if layout.retrieval_kv:
         q = select_heads(query, layout.query_heads(layout.retrieval_kv), n_q, layout)
-        retrieval_out = decode_attention(
-            q, kv.full_keys, kv.full_values, step.length, step.key_pos, scaling, out=retrieval_out
+        retrieval_out = store_decode_attention(
+            kv.full_store, q, step.length, step.key_pos, scaling, out=retrieval_out
         )
     if layout.streaming_kv:
         q = select_heads(query, layout.query_heads(layout.streaming_kv), n_q, layout)

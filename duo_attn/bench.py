@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, Mistra
 
 from .compat import cache_kwargs
 from .eval.harness import kv_bytes, new_cache
+from .eval.report import kv_quant_arg
 from .generate import StaticDecoder, compile_decoder_modules
 from .kv_cache import DuoCache, StaticDuoCache
 from .patch import disable_duo_attention, enable_duo_attention_eval
@@ -157,13 +158,14 @@ def kernel_ms_per_call(fn, calls: int) -> tuple[float | None, list[tuple[str, fl
     return total, top
 
 
-def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int) -> None:
+def set_method(model, method: str, mask: np.ndarray, sink: int, recent: int, kv_quant: str | None = None) -> None:
+    """Switch the model to ``method``; the duo methods store their retrieval heads as ``kv_quant``."""
     if getattr(model, "duo_attention", None) is not None:
         disable_duo_attention(model)
     if method == "duo-full":
-        enable_duo_attention_eval(model, np.ones_like(mask), sink_size=sink, recent_size=recent)
+        enable_duo_attention_eval(model, np.ones_like(mask), sink_size=sink, recent_size=recent, kv_quant=kv_quant)
     elif method in ("duo", "duo-generate"):
-        enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent)
+        enable_duo_attention_eval(model, mask, sink_size=sink, recent_size=recent, kv_quant=kv_quant)
 
 
 @torch.no_grad()
@@ -284,6 +286,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-context", type=int, default=65536)
     parser.add_argument("--prefill-chunks", type=int, nargs="*", default=[8192, 16384, 32768])
     parser.add_argument("--kv-context", type=int, default=32768, help="context of the KV-bytes-vs-retrieval table")
+    parser.add_argument("--kv-quant", type=kv_quant_arg, metavar="KIND",
+                        help="duo methods store retrieval heads as int8, int4 or fp8 (default: bf16); KV bytes and "
+                        "ideal ratios count codes, scales and zeros (duo_attn.bench_kv_quant: capacity and speed)")
     parser.add_argument("--out", type=Path, default=Path("docs/efficiency"))
     parser.add_argument("--name", help="base name of the output files (default: <shape>-r<retrieval fraction>)")
     parser.add_argument("--device", default="cuda")
@@ -308,7 +313,7 @@ class _Run:
         is rewritten after every point, so a run cut short keeps what it measured."""
         measured = []
         for method in methods:
-            set_method(self.model, method, self.mask, self.args.sink, self.args.recent)
+            set_method(self.model, method, self.mask, self.args.sink, self.args.recent, self.args.kv_quant)
             for value in values:
                 point = measure_one(method, value)
                 print(point, flush=True)
@@ -353,7 +358,7 @@ def _kv_report(run: _Run) -> list[str]:
     for sparsity in (0.0, 0.25, 0.5, 0.75, 0.9):
         ranking = 0.5 * run.mask + 0.5 * np.random.default_rng(1).random(run.mask.shape)  # the pattern's heads first
         ratio_mask = sparsify_attention_heads(ranking, sparsity=sparsity)[0]
-        set_method(run.model, "duo", ratio_mask, args.sink, args.recent)
+        set_method(run.model, "duo", ratio_mask, args.sink, args.recent, args.kv_quant)
         cache = make_cache(run.model, "duo", args.kv_context, args.device)
         measured = cache.nbytes()
         del cache
@@ -391,11 +396,14 @@ def main(argv: list[str] | None = None) -> None:
         "transformers": transformers.__version__, "python": platform.python_version(),
         "copy_bandwidth_GBps": bandwidth / 1e9, "weight_GB": wbytes / 1e9, "date": time.strftime("%Y-%m-%d"),
         "decode": "eager" if args.eager_decode else "cuda-graph", "compiled_modules": args.compile,
+        "kv_quant": args.kv_quant,
     }  # fmt: skip
     print(json.dumps(meta))
-    run = _Run(args, model, mask, args.name or f"{args.shape}-r{retrieval:.2f}", meta, wbytes, bandwidth)
+    default_name = f"{args.shape}-r{retrieval:.2f}" + (f"-{args.kv_quant}" if args.kv_quant else "")
+    run = _Run(args, model, mask, args.name or default_name, meta, wbytes, bandwidth)
     report = [
-        f"# {args.shape}, {retrieval:.0%} retrieval heads ({mask_source}), sink {args.sink} + recent {args.recent}",
+        f"# {args.shape}, {retrieval:.0%} retrieval heads ({mask_source}), sink {args.sink} + recent {args.recent}"
+        + (f", duo's retrieval KV as {args.kv_quant}" if args.kv_quant else ""),
         "",
         f"Device {meta['device']}, torch {meta['torch']}, transformers {meta['transformers']}; "
         f"measured copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write).",

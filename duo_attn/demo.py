@@ -4,6 +4,7 @@ It shows what DuoAttention is for in a couple of minutes on a CPU: the answers (
 read, as teacher-forced digit accuracy) next to the KV-cache memory each setting holds after pre-fill.
 
     python -m duo_attn.demo [--pattern DIR] [--sparsity 0.5] [--context-length 1024] [--depths 0.2 0.5 0.8]
+                            [--kv-quant int4]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .eval.harness import (
     window_sizes,
 )
 from .eval.passkey_grid import passkey_cells
-from .eval.report import summarise
+from .eval.report import kv_quant_arg, summarise
 from .learn.haystack import encode_haystack, load_haystack
 from .models import DTYPES, SMOLLM2, load_model, resolve_dtype
 from .patterns import GATES_FILE, SHIPPED_PATTERNS, default_pattern
@@ -53,6 +54,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 otherwise")
     parser.add_argument("--chunk-size", type=int, default=1024, help="pre-fill chunk size (tokens)")
+    parser.add_argument("--kv-quant", type=kv_quant_arg, metavar="KIND",
+                        help="store duo's retrieval heads quantized: int8, int4 or fp8 (default none: the model "
+                        "dtype); the KV bytes shown include scales and zeros")  # fmt: skip
     return parser
 
 
@@ -82,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )  # fmt: skip
     sink, recent = window_sizes(pattern, args.sink, args.recent)
     methods = build_methods(
-        model.config, ["full", "duo"], sparsities=[args.sparsity], sink_size=sink, recent_size=recent, pattern=pattern
-    )
+        model.config, ["full", "duo"], sparsities=[args.sparsity], sink_size=sink, recent_size=recent, pattern=pattern,
+        kv_quants=[args.kv_quant],
+    )  # fmt: skip
     duo = methods[1]
     print(
         f"model {model.config.model_type}, {model.config.num_hidden_layers} layers x "
@@ -92,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
     print(
         f"pattern {pattern}: {duo.retrieval_heads} KV heads kept as retrieval heads (sparsity {args.sparsity:g}), "
-        f"streaming heads keep sink {sink} + recent {recent} tokens\n"
+        f"streaming heads keep sink {sink} + recent {recent} tokens; retrieval heads stored as "
+        f"{args.kv_quant or model.dtype}\n"
     )
     records = run_grid(model, tokenizer, methods, cells, chunk_size=args.chunk_size, desc="demo")
     _print_answers(cells, *([r for r in records if r["method"] == m.name] for m in methods))

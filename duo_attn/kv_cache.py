@@ -9,6 +9,10 @@ over tensors. Two layer types over the same buffers, as transformers separates `
   addresses never change; a decode step writes its token at device-side indices, so the step can be compiled by
   transformers' ``generate`` or captured in a CUDA graph (generate.py) and replayed.
 
+The retrieval heads' keys and values live in a `KVStore` (stores.py): dense in the model dtype, or quantized as they
+are written with ``kv_quant`` (kv_quant.py; docs/kv_quant.md). The layers never ask which: growth, beam reorders and
+byte counts go through the store. Streaming heads keep sink + recent slots in the model dtype.
+
 Storage and transformers' Cache API only: which kernel attends over what a layer hands over is attention.py's choice.
 """
 
@@ -22,7 +26,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .errors import DuoCacheError
 from .heads import HeadLayout, select_heads
+from .kv_quant import KVQuantSpec, resolve_kv_quant
 from .plan import GROWTH_BLOCK, CacheState, DuoStep, DynamicPlanner, StaticPlanner, StaticStep, mark_static, round_up
+from .stores import KVStore, make_store
 
 __all__ = [
     "GROWTH_BLOCK", "DuoCache", "DuoCacheLayer", "DuoKV", "StaticDuoCache", "StaticDuoCacheLayer", "StaticDuoKV",
@@ -33,44 +39,48 @@ __all__ = [
 @dataclass
 class DuoKV:
     """What a dynamic layer hands the attention function in place of plain key/value tensors: the retrieval heads'
-    keys so far and the streaming heads' slots (plus the chunk, when concatenating), with the step's plan."""
+    store (the step's tokens already written) with the step's retrieval keys and values as computed, the streaming
+    heads' slots (plus the chunk, when concatenating), and the step's plan. The store is read by attention.py,
+    which picks the kernel, so a quantized store is dequantized only where it is attended over."""
 
     layout: HeadLayout
     step: DuoStep
-    full_keys: torch.Tensor | None
-    full_values: torch.Tensor | None
+    full_store: KVStore | None
+    new_keys: torch.Tensor | None  # [B, H_r, num_new, D]
+    new_values: torch.Tensor | None
     streaming_keys: torch.Tensor | None
     streaming_values: torch.Tensor | None
 
 
 @dataclass
 class StaticDuoKV:
-    """What a static layer hands over: whole reserved buffers; the step's device tensors say which keys are valid."""
+    """What a static layer hands over: its whole reserved store and streaming buffers; the step says which are valid."""
 
     layout: HeadLayout
     step: StaticStep
-    full_keys: torch.Tensor | None
-    full_values: torch.Tensor | None
+    full_store: KVStore | None
     streaming_keys: torch.Tensor | None
     streaming_values: torch.Tensor | None
 
 
 class _DuoLayerStorage(CacheLayerMixin):
-    """The buffers of one layer. Retrieval heads: ``[B, H_r, capacity, D]``. Streaming heads: ``[B, H_s, sink +
-    recent, D]``, constant."""
+    """The buffers of one layer. Retrieval heads: a `KVStore` of ``[B, H_r, capacity, *]`` buffers. Streaming heads:
+    ``[B, H_s, sink + recent, D]`` in the model dtype, constant."""
 
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, layout: HeadLayout, state: CacheState):
+    def __init__(self, layout: HeadLayout, state: CacheState, kv_quant: str | KVQuantSpec | None = None):
         super().__init__()
-        self.layout, self.state = layout, state
-        self.full_keys = self.full_values = None
+        self.layout, self.state, self.kv_quant = layout, state, kv_quant
+        self.spec: KVQuantSpec | None = None  # kv_quant resolved for the head_dim, at the first write
+        self.store: KVStore | None = None
         self.stream_keys = self.stream_values = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, _, _, head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.spec = resolve_kv_quant(self.kv_quant, head_dim, self.device)
         n_stream = len(self.layout.streaming_kv)
         if n_stream:
             shape = (batch, n_stream, self.state.num_slots, head_dim)
@@ -80,17 +90,13 @@ class _DuoLayerStorage(CacheLayerMixin):
 
     def _attend_chunk(self, key_states: torch.Tensor, value_states: torch.Tensor, step: DuoStep, start: int):
         """Write a planned chunk (retrieval heads at ``[start, start + n)``, streaming heads into their slots) and
-        return what it attends over."""
+        hand over what it attends over: the store with the chunk's retrieval keys, the streaming slots."""
         layout, total = self.layout, self.layout.num_kv_heads
         full_k = full_v = stream_k = stream_v = None
         if layout.retrieval_kv:
-            self._write_full(
-                select_heads(key_states, layout.retrieval_kv, total, layout),
-                select_heads(value_states, layout.retrieval_kv, total, layout),
-                start,
-            )
-            end = start + step.num_new
-            full_k, full_v = self.full_keys[:, :, :end], self.full_values[:, :, :end]
+            full_k = select_heads(key_states, layout.retrieval_kv, total, layout)
+            full_v = select_heads(value_states, layout.retrieval_kv, total, layout)
+            self._write_full(full_k, full_v, start)
         if layout.streaming_kv:
             new_k = select_heads(key_states, layout.streaming_kv, total, layout)
             new_v = select_heads(value_states, layout.streaming_kv, total, layout)
@@ -101,7 +107,7 @@ class _DuoLayerStorage(CacheLayerMixin):
             else:
                 self._write_streaming(new_k, new_v, step)
                 stream_k, stream_v = self.stream_keys, self.stream_values
-        return (DuoKV(layout, step, full_k, full_v, stream_k, stream_v),) * 2
+        return (DuoKV(layout, step, self.store, full_k, full_v, stream_k, stream_v),) * 2
 
     def _write_streaming(self, new_k: torch.Tensor, new_v: torch.Tensor, step: DuoStep) -> None:
         if step.ring_dst is not None:
@@ -113,12 +119,6 @@ class _DuoLayerStorage(CacheLayerMixin):
             self.stream_keys[b, :, s] = new_k[b, :, t]
             self.stream_values[b, :, s] = new_v[b, :, t]
 
-    def _map_batch(self, fn) -> None:
-        for name in ("full_keys", "full_values", "stream_keys", "stream_values"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, fn(tensor))
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
@@ -126,12 +126,11 @@ class _DuoLayerStorage(CacheLayerMixin):
         return -1
 
     def nbytes(self, allocated: bool = False) -> int:
-        """Bytes of K/V held: the used part, or everything allocated (growth blocks included)."""
+        """Bytes of K/V held (a quantized store's scales and zeros included): the used part, or everything
+        allocated (growth blocks included)."""
         total = 0
-        if self.full_keys is not None:
-            used = self.full_keys.shape[2] if allocated else self.get_seq_length()
-            per_token = self.full_keys[:, :, :1].numel() * self.full_keys.element_size()
-            total += 2 * used * per_token
+        if self.store is not None:
+            total += self.store.nbytes(None if allocated else self.get_seq_length())
         if self.stream_keys is not None:
             total += 2 * self.stream_keys.numel() * self.stream_keys.element_size()
         return total
@@ -146,8 +145,8 @@ class _DuoLayerStorage(CacheLayerMixin):
 class DuoCacheLayer(_DuoLayerStorage):
     """A dynamic layer: retrieval buffers grow in `GROWTH_BLOCK` steps, not by a concatenation per step."""
 
-    def __init__(self, layout: HeadLayout, state: CacheState):
-        super().__init__(layout, state)
+    def __init__(self, layout: HeadLayout, state: CacheState, kv_quant: str | KVQuantSpec | None = None):
+        super().__init__(layout, state, kv_quant)
         self.length = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[DuoKV, DuoKV]:
@@ -171,25 +170,34 @@ class DuoCacheLayer(_DuoLayerStorage):
 
     def _write_full(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         end = start + keys.shape[2]
-        if self.full_keys is None or end > self.full_keys.shape[2]:
-            self.full_keys = _grow(self.full_keys, start, round_up(end), keys)
-            self.full_values = _grow(self.full_values, start, round_up(end), values)
-        self.full_keys[:, :, start:end] = keys
-        self.full_values[:, :, start:end] = values
+        if self.store is None:
+            batch, heads, _, head_dim = keys.shape
+            self.store = make_store(self.spec, batch, heads, round_up(end), head_dim, self.dtype, self.device)
+        elif end > self.store.capacity:
+            self.store = self.store.grow(round_up(end), start)
+        self.store.write(keys, values, start)
 
     def reserve(self, total_tokens: int) -> None:
         """Pre-allocate the retrieval cache for ``total_tokens`` tokens (no growth copies while decoding)."""
-        if self.full_keys is not None and total_tokens > self.full_keys.shape[2]:
-            self.full_keys = _grow(self.full_keys, self.length, total_tokens, self.full_keys)
-            self.full_values = _grow(self.full_values, self.length, total_tokens, self.full_values)
+        if self.store is not None and total_tokens > self.store.capacity:
+            self.store = self.store.grow(total_tokens, self.length)
 
     def get_seq_length(self) -> int:
         return self.length
 
     def reset(self) -> None:
         self.length = 0
-        self.full_keys = self.full_values = self.stream_keys = self.stream_values = None
+        self.store = self.stream_keys = self.stream_values = None
         self.is_initialized = False
+
+    def _map_batch(self, fn) -> None:
+        """A batch map (beam reorder, repeat, selection) into new buffers: the store's and the streaming slots'."""
+        if self.store is not None:
+            self.store = self.store.map_batch(fn)
+        for name in ("stream_keys", "stream_values"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, fn(tensor))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -208,18 +216,21 @@ class StaticDuoCacheLayer(_DuoLayerStorage):
 
     is_compileable = True
 
-    def __init__(self, layout: HeadLayout, state: CacheState, capacity: int):
-        super().__init__(layout, state)
+    def __init__(
+        self, layout: HeadLayout, state: CacheState, capacity: int, kv_quant: str | KVQuantSpec | None = None
+    ):
+        super().__init__(layout, state, kv_quant)
         self.capacity = capacity
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         batch, _, _, head_dim = key_states.shape
         if self.layout.retrieval_kv:
-            shape = (batch, len(self.layout.retrieval_kv), self.capacity, head_dim)
-            self.full_keys = key_states.new_zeros(shape)  # zeros: a masked key must still be finite
-            self.full_values = value_states.new_zeros(shape)
-        mark_static(self.full_keys, self.full_values, self.stream_keys, self.stream_values)
+            heads = len(self.layout.retrieval_kv)
+            self.store = make_store(self.spec, batch, heads, self.capacity, head_dim, self.dtype, self.device)
+            self.store.zero_from(0)  # a masked key must still be finite
+            self.store.mark_static()
+        mark_static(self.stream_keys, self.stream_values)
         self.layout.warm(key_states.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -234,8 +245,11 @@ class StaticDuoCacheLayer(_DuoLayerStorage):
             raise DuoCacheError("a static decode step needs a pre-filled cache")
         layout, total = self.layout, self.layout.num_kv_heads
         if layout.retrieval_kv:
-            for buffer, new in ((self.full_keys, key_states), (self.full_values, value_states)):
-                buffer.index_copy_(2, step.write_index, select_heads(new, layout.retrieval_kv, total, layout))
+            self.store.write_at(
+                select_heads(key_states, layout.retrieval_kv, total, layout),
+                select_heads(value_states, layout.retrieval_kv, total, layout),
+                step.write_index,
+            )
         if layout.streaming_kv:
             for buffer, new in ((self.stream_keys, key_states), (self.stream_values, value_states)):
                 new = select_heads(new, layout.streaming_kv, total, layout)
@@ -244,13 +258,11 @@ class StaticDuoCacheLayer(_DuoLayerStorage):
                 if step.is_sink is not None:  # per sequence: write the token, or put back what the slot holds
                     index = step.sink_slot[:, None, :, None].expand(new.shape)
                     buffer.scatter_(2, index, torch.where(step.is_sink[:, None, None, None], new, buffer.gather(2, index)))
-        kv = StaticDuoKV(layout, step, self.full_keys, self.full_values, self.stream_keys, self.stream_values)
+        kv = StaticDuoKV(layout, step, self.store, self.stream_keys, self.stream_values)
         return kv, kv
 
     def _write_full(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        end = start + keys.shape[2]
-        self.full_keys[:, :, start:end] = keys
-        self.full_values[:, :, start:end] = values
+        self.store.write(keys, values, start)
 
     def get_seq_length(self) -> int:
         return self.state.seen
@@ -265,7 +277,11 @@ class StaticDuoCacheLayer(_DuoLayerStorage):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """In place: the buffers keep their addresses (a compiled or captured step holds them)."""
-        self._map_batch(lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))))
+        if self.store is not None:
+            self.store.copy_batch_(lambda t: t.index_select(0, beam_idx.to(t.device)))
+        for tensor in (self.stream_keys, self.stream_values):
+            if tensor is not None:
+                tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def _refuse(self, *args) -> None:
         raise DuoCacheError("a static DuoCache has a fixed batch size: it cannot be repeated or sub-selected")
@@ -273,16 +289,8 @@ class StaticDuoCacheLayer(_DuoLayerStorage):
     batch_repeat_interleave = batch_select_indices = _refuse
 
     def reset(self) -> None:
-        self.full_keys = self.full_values = self.stream_keys = self.stream_values = None
+        self.store = self.stream_keys = self.stream_values = None
         self.is_initialized = False
-
-
-def _grow(old: torch.Tensor | None, used: int, capacity: int, like: torch.Tensor) -> torch.Tensor:
-    shape = (*like.shape[:2], capacity, like.shape[3])
-    grown = like.new_empty(shape)
-    if old is not None and used:
-        grown[:, :, :used] = old[:, :, :used]
-    return grown
 
 
 class DuoCache(Cache):
@@ -290,21 +298,35 @@ class DuoCache(Cache):
 
     Built from a retrieval-head mask ``[L, H_kv]`` (True = retrieval head) and the streaming window sizes. The
     patched model calls `begin_step` before each forward pass; `nbytes` reports the memory held.
+
+    ``kv_quant``: ``None`` (retrieval heads in the model dtype), ``"int8"``, ``"int4"`` or ``"fp8"`` (optionally
+    with a group, ``"int4-g32"``), or a `KVQuantSpec`: the retrieval heads' keys and values are quantized as they
+    are written. A name's default group is fitted to the model's head_dim at the first write. ``for_model`` gives
+    the cache the model was patched with; the patched model refuses a cache of another ``kv_quant``.
     """
 
-    def __init__(self, retrieval_mask: np.ndarray, sink_size: int, recent_size: int, num_attention_heads: int):
+    def __init__(
+        self,
+        retrieval_mask: np.ndarray,
+        sink_size: int,
+        recent_size: int,
+        num_attention_heads: int,
+        kv_quant: str | KVQuantSpec | None = None,
+    ):
+        resolve_kv_quant(kv_quant)  # an unknown name fails here, before anything is built
         mask = np.asarray(retrieval_mask, dtype=bool)
         self.retrieval_mask = mask
         self.sink_size, self.recent_size = int(sink_size), int(recent_size)
         self.num_attention_heads = num_attention_heads
+        self.kv_quant = kv_quant
         self.state = CacheState(self.sink_size, self.recent_size)
         self.planner = self._new_planner()
-        layers = [DuoCacheLayer(HeadLayout.from_mask(row, num_attention_heads), self.state) for row in mask]
+        layers = [DuoCacheLayer(HeadLayout.from_mask(row, num_attention_heads), self.state, kv_quant) for row in mask]
         super().__init__(layers=layers)
 
     @classmethod
     def for_model(cls, model) -> DuoCache:
-        """A fresh cache for a model patched by `enable_duo_attention_eval`."""
+        """A fresh cache for a model patched by `enable_duo_attention_eval` (its pattern, windows and kv_quant)."""
         state = getattr(model, "duo_attention", None)
         if state is None:
             raise DuoCacheError("the model is not patched: call enable_duo_attention_eval(model, pattern) first")
@@ -376,15 +398,22 @@ class StaticDuoCache(DuoCache):
     """
 
     def __init__(
-        self, retrieval_mask: np.ndarray, sink_size: int, recent_size: int, num_attention_heads: int, capacity: int
+        self,
+        retrieval_mask: np.ndarray,
+        sink_size: int,
+        recent_size: int,
+        num_attention_heads: int,
+        capacity: int,
+        kv_quant: str | KVQuantSpec | None = None,
     ):
         self.capacity = round_up(capacity)
-        super().__init__(retrieval_mask, sink_size, recent_size, num_attention_heads)
-        self.layers = [StaticDuoCacheLayer(layer.layout, self.state, self.capacity) for layer in self.layers]
+        super().__init__(retrieval_mask, sink_size, recent_size, num_attention_heads, kv_quant)
+        self.layers = [StaticDuoCacheLayer(lyr.layout, self.state, self.capacity, kv_quant) for lyr in self.layers]
 
     @classmethod
     def for_model(cls, model, capacity: int) -> StaticDuoCache:  # type: ignore[override]
-        """A fresh compileable cache for ``capacity`` tokens, for a model patched by `enable_duo_attention_eval`."""
+        """A fresh compileable cache for ``capacity`` tokens, for a model patched by `enable_duo_attention_eval`
+        (its pattern, windows and kv_quant)."""
         state = getattr(model, "duo_attention", None)
         if state is None:
             raise DuoCacheError("the model is not patched: call enable_duo_attention_eval(model, pattern) first")

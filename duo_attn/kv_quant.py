@@ -112,12 +112,34 @@ class KVQuantSpec:
         return (head_dim // 2 if self.kind == "int4" else head_dim), head_dim // self.group_size
 
     @property
+    def name(self) -> str:
+        """The full name, group included (``"int4-g32"``): `from_name` parses it back to this spec."""
+        return f"{self.kind}-g{self.group_size}"
+
+    @property
     def data_dtype(self) -> torch.dtype:
         return torch.float8_e4m3fn if self.kind == "fp8" else torch.uint8
 
     @property
     def has_zero(self) -> bool:
         return self.kind != "fp8"
+
+
+def resolve_kv_quant(
+    kv_quant: str | KVQuantSpec | None, head_dim: int | None = None, device: torch.device | str | None = None
+) -> KVQuantSpec | None:
+    """The spec a ``kv_quant`` argument stands for: ``None`` (no quantization), a name (`KVQuantSpec.from_name`,
+    whose default group is fitted to ``head_dim``) or a spec, checked against ``head_dim`` and ``device`` where
+    given. One function, so the patch, the cache and the pre-hook's comparison read a name alike."""
+    if isinstance(kv_quant, KVQuantSpec):
+        kv_quant.check(head_dim, device)
+        return kv_quant
+    if kv_quant is not None and not isinstance(kv_quant, str):
+        raise ValueError(
+            f"kv_quant must be None, a name ({', '.join(KV_QUANT_KINDS)}, optionally with a group such as "
+            f"'int4-g32') or a KVQuantSpec; got {kv_quant!r}"
+        )
+    return KVQuantSpec.from_name(kv_quant, head_dim, device)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from .compat import (
 from .errors import DuoCacheError, ModelError, PatternError
 from .heads import HeadLayout, can_permute_heads, permute_heads
 from .kv_cache import DuoCache, StaticDuoCache
+from .kv_quant import KVQuantSpec, resolve_kv_quant
 from .masks import check_padding_mask
 from .models import decoder_layers
 from .patterns import check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
@@ -53,6 +54,8 @@ class DuoAttentionState:
     num_attention_heads: int
     head_orders: list[np.ndarray] | None = None  # per layer, the KV-head permutation applied to the weights
     cache_arg: str = "past_key_values"  # the name the base model's forward takes the cache under (compat.py)
+    kv_quant: KVQuantSpec | None = None  # how the retrieval heads' cache is stored (None: the model dtype)
+    head_dim: int | None = None  # the model's, to read a cache's kv_quant name as the patch read its own
     installed: InstalledAttention | None = field(repr=False, default=None)
     static_capacity: int = 0  # the largest StaticDuoCache generate made: later calls reuse it (no new trace)
     forward: ForwardFlags = field(default_factory=ForwardFlags, repr=False)  # shared with every layer's spec
@@ -73,9 +76,10 @@ class DuoAttentionState:
 
     def new_cache(self, capacity: int | None = None) -> DuoCache:
         """A dynamic cache, or with ``capacity`` a compileable `StaticDuoCache` for that many tokens."""
+        heads = (self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads)
         if capacity is None:
-            return DuoCache(self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads)
-        return StaticDuoCache(self.cache_mask, self.sink_size, self.recent_size, self.num_attention_heads, capacity)
+            return DuoCache(*heads, kv_quant=self.kv_quant)
+        return StaticDuoCache(*heads, capacity, kv_quant=self.kv_quant)
 
 
 def resolve_pattern(
@@ -200,6 +204,7 @@ def enable_duo_attention_eval(
     recent_size: int | None = None,
     reorder_heads: bool = True,
     compile_generate: bool = True,
+    kv_quant: str | KVQuantSpec | None = None,
 ) -> DuoAttentionState:
     """Patch ``model`` in place for DuoAttention inference; ``model(...)`` and ``model.generate(...)`` then use it.
 
@@ -215,6 +220,12 @@ def enable_duo_attention_eval(
     ``cache_implementation="static"`` anywhere), it gets a `StaticDuoCache` sized for the call, so its steps run
     compiled (CUDA graphs in transformers' default reduce-overhead mode). ``False``: ``generate`` always decodes
     eagerly on the dynamic `DuoCache`. Per call, ``disable_compile=True`` does the same.
+
+    ``kv_quant``: ``None`` (the model dtype), ``"int8"``, ``"int4"`` or ``"fp8"`` (optionally with a group,
+    ``"int4-g32"``; default 32 channels, or its gcd with head_dim): the retrieval heads' cache, the part that grows,
+    is stored quantized (docs/kv_quant.md); streaming heads stay in the model dtype. A kind the model's head_dim or
+    device cannot take (int4 with an odd head_dim, fp8 on a GPU below compute capability 8.9) raises ``ValueError``
+    before the model is touched.
     """
     _check_model(model)
     mode = getattr(model, "duo_attention_mode", None)
@@ -227,6 +238,8 @@ def enable_duo_attention_eval(
     )
     config = model.config
     check_pattern_fits(mask, config.num_hidden_layers, config.num_key_value_heads)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    spec = resolve_kv_quant(kv_quant, head_dim, model.device)
     layers = decoder_layers(model)
 
     if getattr(model, "duo_attention", None) is not None:
@@ -237,12 +250,7 @@ def enable_duo_attention_eval(
     ):
         head_orders = [np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)]) for row in mask]
     state = DuoAttentionState(
-        mask,
-        sink,
-        recent,
-        config.num_attention_heads,
-        head_orders,
-        cache_arg,
+        mask, sink, recent, config.num_attention_heads, head_orders, cache_arg, kv_quant=spec, head_dim=head_dim
     )
     specs = [
         LayerSpec(HeadLayout.from_mask(row, config.num_attention_heads), sink, recent, state.forward)
@@ -340,6 +348,7 @@ def _prepare_duo_cache(state: DuoAttentionState):
                 raise DuoCacheError(
                     "this DuoCache was built for another pattern or head order; make it with DuoCache.for_model(model)"
                 )
+            _check_kv_quant(cache, state)
             step = cache.begin_step(padding_mask, inputs.shape[1], inputs.shape[0], inputs.device)
             if kwargs.get("position_ids") is None and step.position_ids is not None:
                 kwargs["position_ids"] = step.position_ids
@@ -347,3 +356,21 @@ def _prepare_duo_cache(state: DuoAttentionState):
         return args, kwargs
 
     return hook
+
+
+def _check_kv_quant(cache: DuoCache, state: DuoAttentionState) -> None:
+    """Refuse a cache whose retrieval heads are stored otherwise than the model was patched for (a name is read with
+    the model's head_dim, as the patch read its own)."""
+
+    def described(spec: KVQuantSpec | None) -> str:
+        return "the model dtype (kv_quant=None)" if spec is None else f"kv_quant={spec.name!r}"
+
+    try:
+        spec = resolve_kv_quant(cache.kv_quant, state.head_dim)
+    except ValueError as err:
+        raise DuoCacheError(f"this DuoCache's kv_quant={cache.kv_quant!r} does not fit the model: {err}") from err
+    if spec != state.kv_quant:
+        raise DuoCacheError(
+            f"this DuoCache stores retrieval heads as {described(spec)}, but the model was patched for "
+            f"{described(state.kv_quant)}; make the cache with DuoCache.for_model(model)"
+        )

@@ -3,9 +3,10 @@
 A cache layer holds a `KVStore` and never asks which kind it is: `DenseStore` keeps ``[B, H, capacity, D]`` tensors
 in the model dtype, `QuantizedStore` the codes, scales and zeros of kv_quant.py. Both write a pre-fill chunk at a
 host-side offset and a decode token at a device-side index (``index_copy_``: no host synchronisation, so a static
-step can be captured in a CUDA graph or compiled), and read back the first tokens in the model dtype. Attention
-over a store in a static step is kernels/quant_decode.py's `store_decode_attention`, not a method here: choosing
-kernels stays in kernels/.
+step can be captured in a CUDA graph or compiled), and read back the first tokens in the model dtype (`read`;
+`read_with_chunk` for what a pre-fill chunk attends over: the stored tokens before it, then the chunk as computed).
+Attention over a store in a decode step is kernels/quant_decode.py's `store_decode_attention`, not a method here:
+choosing kernels stays in kernels/.
 
 Everything that only moves buffers (grow, zero, batch maps, byte counts, static addresses) is written once in
 `KVStore` over `tensors()`: every buffer of a store is ``[B, H, capacity, *]``, so a token-range or batch operation
@@ -23,6 +24,7 @@ import torch
 from .kv_quant import KVQuantSpec, QuantizedKV, dequantize, quantize_into
 
 BatchFn = Callable[[torch.Tensor], torch.Tensor]
+READ_BLOCK = 1 << 16  # tokens a quantized read dequantizes at a time (bounds its fp32 temporaries)
 
 
 class KVStore(ABC):
@@ -46,6 +48,11 @@ class KVStore(ABC):
 
     @abstractmethod
     def _read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    @abstractmethod
+    def _read_with_chunk(
+        self, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     @property
     def batch(self) -> int:
@@ -78,12 +85,29 @@ class KVStore(ABC):
         self._write(keys, values, index)
 
     def read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the first ``end`` slots, ``[B, H, end, D]`` in ``dtype``: what a pre-fill chunk
-        attends over. A dense store in its own dtype returns views; a quantized store dequantizes into a new,
-        transient copy (one layer's keys and values at a time, freed after that layer's attention)."""
+        """Keys and values of the first ``end`` slots, ``[B, H, end, D]`` in ``dtype``. A dense store in its own
+        dtype returns views; a quantized store dequantizes into a new, transient copy."""
         if not 0 <= end <= self.capacity:
             raise ValueError(f"cannot read {end} tokens from a store of {self.capacity}")
         return self._read(end, dtype)
+
+    def read_with_chunk(
+        self, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a pre-fill chunk ``keys, values [B, H, N, D]``, already written at slot ``start``, attends over
+        (``[B, H, start + N, D]`` in the chunk's dtype): the ``start`` tokens before it as stored, then the chunk as
+        computed. A dense store stores the chunk exactly and returns views; a quantized store returns a transient
+        copy of its dequantized tokens followed by the chunk in full precision (one layer's, freed after that
+        layer's attention), so no full-precision copy of the context outlives a layer."""
+        self._check_tokens(keys, values, start)
+        return self._read_with_chunk(start, keys, values)
+
+    def prefix(self, end: int) -> KVStore:
+        """The same store over views of its first ``end`` slots (no copy): a decode kernel then reads no slot past
+        them, when a growing store holds more slots than tokens."""
+        if not 0 <= end <= self.capacity:
+            raise ValueError(f"a store of {self.capacity} slots has no prefix of {end}")
+        return self._over([t[:, :, :end] for t in self.tensors()])
 
     def grow(self, capacity: int, used: int) -> KVStore:
         """A new store of ``capacity`` slots holding this one's first ``used`` tokens (the rest uninitialised)."""
@@ -207,6 +231,11 @@ class DenseStore(KVStore):
     def _read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[:, :, :end].to(dtype), self.values[:, :, :end].to(dtype)
 
+    def _read_with_chunk(
+        self, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._read(start + keys.shape[2], keys.dtype)
+
 
 class QuantizedStore(KVStore):
     """Keys and values as `QuantizedKV` codes of ``spec`` (layouts in kv_quant.py); tokens are quantized as they are
@@ -242,7 +271,30 @@ class QuantizedStore(KVStore):
         quantize_into(values, self.spec, self.values, slots)
 
     def _read(self, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(dequantize(q.map(lambda t: t[:, :, :end]), self.spec, dtype) for q in (self.keys, self.values))
+        shape = (self.batch, self.heads, end, self.head_dim)
+        keys, values = (torch.empty(shape, dtype=dtype, device=self.device) for _ in range(2))
+        self._dequantize_into(keys, self.keys)
+        self._dequantize_into(values, self.values)
+        return keys, values
+
+    def _read_with_chunk(
+        self, start: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for codes, chunk in ((self.keys, keys), (self.values, values)):
+            both = chunk.new_empty((*chunk.shape[:2], start + chunk.shape[2], chunk.shape[3]))
+            self._dequantize_into(both[:, :, :start], codes)
+            both[:, :, start:] = chunk
+            out.append(both)
+        return out[0], out[1]
+
+    def _dequantize_into(self, out: torch.Tensor, codes: QuantizedKV) -> None:
+        """Dequantize the first ``out.shape[2]`` tokens into ``out``, `READ_BLOCK` tokens at a time: the fp32
+        arithmetic of `dequantize` then needs a block's temporaries, not the whole context's."""
+        for start in range(0, out.shape[2], READ_BLOCK):
+            end = min(start + READ_BLOCK, out.shape[2])
+            block = codes.map(lambda t: t[:, :, start:end])  # noqa: B023 (used at once)
+            out[:, :, start:end] = dequantize(block, self.spec, out.dtype)
 
 
 def make_store(

@@ -3,6 +3,11 @@
 The whole sequence is run at once in float64, without any cache, and every head gets an explicit dense mask built
 from per-sequence positions counted in Python: retrieval heads see keys j <= i, streaming heads see keys j <= i with
 j < sink or i - j < recent.
+
+For a quantized cache, `oracle_logits` takes what the cache stored (``stored``): the retrieval heads' keys and values
+as the cache dequantizes them, and which (query, key) pairs see the key as computed instead (``fresh``: a chunk
+attends to itself in full precision). The oracle then records its own keys and values (``oracle_kv``), so a test can
+check that what was stored is the quantization of the right tokens.
 """
 
 from __future__ import annotations
@@ -54,8 +59,18 @@ def _oracle_attention(module, query, key, value, attention_mask, scaling=None, *
         window = causal & ((kj < sink) | (qi - kj < recent))
         for h in range(n_q):
             allowed[b, h] = (causal if retrieval_row[h // groups] else window) | (qi < 0)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ value
+    stored = getattr(module, "oracle_stored", None)
+    if stored is None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ value).transpose(1, 2).contiguous(), None
+    module.oracle_kv = key[:, ::groups], value[:, ::groups]
+    stored_keys, stored_values, fresh = stored
+    stored_keys, stored_values = (t.repeat_interleave(groups, dim=1) for t in (stored_keys, stored_values))
+    is_retrieval = torch.tensor([bool(retrieval_row[h // groups]) for h in range(n_q)])[:, None, None]
+    from_store = is_retrieval & ~fresh  # [heads, queries, keys]: this query reads this key as the cache stored it
+    scores = torch.where(from_store, (query @ stored_keys.transpose(-1, -2)) * scaling, scores)
+    weights = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    out = weights.masked_fill(from_store, 0) @ value + weights.masked_fill(~from_store, 0) @ stored_values
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -81,14 +96,30 @@ def position_ids_for(padding_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def oracle_logits(oracle: torch.nn.Module, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+def oracle_logits(
+    oracle: torch.nn.Module,
+    input_ids: torch.Tensor,
+    padding_mask: torch.Tensor,
+    stored: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    fresh: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The oracle's logits. ``stored``: per layer, the retrieval heads' keys and values ``[B, H_kv, T, D]`` as a
+    quantized cache holds them (rows of streaming heads unused), read wherever ``fresh [T, T]`` (query, key) is
+    False; afterwards each attention module's ``oracle_kv`` holds the keys and values it computed."""
     input_ids, padding_mask = input_ids.cpu(), padding_mask.cpu()
-    return oracle(
-        input_ids=input_ids,
-        attention_mask=padding_mask,
-        position_ids=position_ids_for(padding_mask),
-        use_cache=False,
-    ).logits
+    layers = oracle.model.layers
+    for layer, kv in zip(layers, stored or []):
+        layer.self_attn.oracle_stored = (*(t.cpu().double() for t in kv), fresh)
+    try:
+        return oracle(
+            input_ids=input_ids,
+            attention_mask=padding_mask,
+            position_ids=position_ids_for(padding_mask),
+            use_cache=False,
+        ).logits
+    finally:
+        for layer in layers:
+            layer.self_attn.__dict__.pop("oracle_stored", None)
 
 
 @torch.no_grad()

@@ -283,7 +283,7 @@ def test_a_dropped_cache_frees_its_memory_without_the_garbage_collector():
     enable_duo_attention_eval(model, mask, sink_size=2, recent_size=4)
     with torch.no_grad():
         cache = output_cache(model(torch.randint(1, cfg.vocab_size, (1, 12), device=DEVICE)))
-    held = [weakref.ref(cache.layers[0].full_keys), weakref.ref(cache.layers[0].stream_keys)]
+    held = [weakref.ref(cache.layers[0].store.keys), weakref.ref(cache.layers[0].stream_keys)]
     gc.disable()
     try:
         del cache
@@ -319,13 +319,13 @@ def test_reserve_preallocates_without_changing_results():
         reserved = output_cache(model(ids[:, :20]))
         reserved.reserve(600)
         layer = reserved.layers[0]
-        assert layer.full_keys.shape[2] == 600
-        before = layer.full_keys.data_ptr()
+        assert layer.store.capacity == 600
+        before = layer.store.keys.data_ptr()
         for t in range(20, 24):
             a = model(ids[:, t : t + 1], **cache_kwargs(model, plain)).logits
             b = model(ids[:, t : t + 1], **cache_kwargs(model, reserved)).logits
             torch.testing.assert_close(a, b)
-        assert layer.full_keys.data_ptr() == before, "decoding inside the reservation must not reallocate"
+        assert layer.store.keys.data_ptr() == before, "decoding inside the reservation must not reallocate"
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # q/k/v biases; per-head q/k norms

@@ -63,3 +63,10 @@ def test_demo_on_smollm2(tmp_path: Path, capsys):
     assert "KV cache after pre-fill" in out and "passkey" in out
     kv = {r["method"]: r["kv_bytes"] for r in records}
     assert kv["duo@0.50"] < kv["full"]
+
+
+def test_a_bad_kv_quant_is_refused_before_loading(capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--kv-quant", "int3"])
+    assert info.value.code == 2
+    assert "unknown KV quantization 'int3'" in capsys.readouterr().err

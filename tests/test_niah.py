@@ -97,6 +97,15 @@ def test_kv_bytes_of_both_cache_types(model):
     finally:
         disable_duo_attention(model)
     assert kv_bytes(cache) == 2 * HEAD_DIM * FP32 * (1 * 50 + 3 * (SINK + RECENT))
+    enable_duo_attention_eval(model, mask, sink_size=SINK, recent_size=RECENT, kv_quant="int8")
+    try:
+        cache = new_cache(model)
+        prefill(model, prompt, cache, chunk_size=16)
+    finally:
+        disable_duo_attention(model)
+    # int8 codes plus a float16 scale and zero per group of 16 channels; streaming heads stay fp32
+    int8_per_token = HEAD_DIM + 2 * 2 * (HEAD_DIM // 16)
+    assert kv_bytes(cache) == 2 * (1 * 50 * int8_per_token + 3 * (SINK + RECENT) * HEAD_DIM * FP32)
 
 
 def test_key_only_moves_leading_whitespace_into_the_prompt(tokenizer):
@@ -148,7 +157,7 @@ def _check_report(out: Path, methods: list[str], contexts: list[int], cells: int
         assert record["kv_bytes"] > 0 and record["seconds"] > 0
     for method in methods:
         assert set(results["summary"][method]) == {*map(str, contexts), "mean"}
-        assert (out / f"heatmap_{method.replace('@', '_')}.png").stat().st_size > 1000
+        assert (out / f"heatmap_{method.replace('@', '_').replace('+', '_')}.png").stat().st_size > 1000
     markdown = (out / "summary.md").read_text()
     for method in methods:
         assert f"| {method} |" in markdown
@@ -162,14 +171,16 @@ def test_niah_end_to_end(tiny_dir: Path, tmp_path: Path):
         [
             "--model", str(tiny_dir / "model"), "--contexts", "96", "128", "--depths", "0.25", "0.75",
             "--methods", "full", "duo", "random", "streaming", "--pattern", str(tiny_dir / "pattern"),
-            "--sparsities", "0.5", "--chunk-size", "64", "--output-dir", str(out),
+            "--sparsities", "0.5", "--chunk-size", "64", "--kv-quant", "none", "int4", "--output-dir", str(out),
         ]
     )  # fmt: skip
-    assert paths["json"] == out / "results.json" and len(paths["heatmaps"]) == 4
-    results = _check_report(out, ["full", "duo@0.50", "random@0.50", "streaming"], [96, 128], cells=4)
+    methods = ["full", "duo@0.50", "duo@0.50+int4", "random@0.50", "random@0.50+int4", "streaming"]
+    assert paths["json"] == out / "results.json" and len(paths["heatmaps"]) == 6
+    results = _check_report(out, methods, [96, 128], cells=4)
     assert results["config"]["sink_size"] == SINK and results["config"]["recent_size"] == RECENT  # from the pattern
+    assert [m["kv_quant"] for m in results["methods"]] == [None, None, "int4", None, "int4", None]
     kv = {m: s["128"]["kv_bytes"] for m, s in results["summary"].items()}
-    assert kv["full"] > kv["duo@0.50"] > kv["streaming"]
+    assert kv["full"] > kv["duo@0.50"] > kv["duo@0.50+int4"] > kv["streaming"]
     assert results["records"][0]["answer"] == "7491"
 
 

@@ -121,7 +121,7 @@ def test_static_cache_refuses_bad_use_and_changes_nothing():
         short = torch.ones_like(ids)
         short[0, :7] = 0
         _, cache = chunked_logits(model, ids, torch.ones_like(ids), [10], cache)
-        assert cache.layers[1].full_keys.shape[2] == cache.capacity
+        assert cache.layers[1].store.capacity == cache.capacity
         with pytest.raises(DuoCacheError, match="real tokens only"):
             model(
                 input_ids=ids[:, :1],

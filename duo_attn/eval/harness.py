@@ -276,7 +276,8 @@ def key_only(tokenizer: PreTrainedTokenizerBase, prompt: NeedlePrompt) -> tuple[
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """One attention setting to evaluate: full attention (``retrieval_mask`` None, model unpatched) or a duo mask."""
+    """One attention setting to evaluate: full attention (``retrieval_mask`` None, model unpatched) or a duo mask,
+    its retrieval heads' cache stored as ``kv_quant`` (None: the model dtype)."""
 
     name: str
     kind: str
@@ -284,6 +285,7 @@ class Method:
     sink_size: int
     recent_size: int
     source: str | None = None  # the pattern directory, or the random seed, the mask came from
+    kv_quant: str | None = None  # e.g. "int4" (enable_duo_attention_eval's kv_quant)
 
     @property
     def retrieval_fraction(self) -> float:
@@ -303,8 +305,9 @@ class Method:
                 disable_duo_attention(model)
             return
         enable_duo_attention_eval(
-            model, self.retrieval_mask.astype(np.float64), sink_size=self.sink_size, recent_size=self.recent_size
-        )
+            model, self.retrieval_mask.astype(np.float64), sink_size=self.sink_size, recent_size=self.recent_size,
+            kv_quant=self.kv_quant,
+        )  # fmt: skip
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description, mask included, so a result file says exactly which heads were streaming."""
@@ -318,6 +321,7 @@ class Method:
             "sink_size": None if mask is None else self.sink_size,
             "recent_size": None if mask is None else self.recent_size,
             "retrieval_mask": None if mask is None else mask.astype(int).tolist(),
+            "kv_quant": self.kv_quant,
         }
 
 
@@ -342,10 +346,12 @@ def build_methods(
     pattern: str | Path | None = None,
     baseline_pattern: str | Path | None = None,
     seed: int = 0,
+    kv_quants: Sequence[str | None] = (None,),
 ) -> list[Method]:
-    """Methods in the order of ``kinds``: ``full``; ``streaming`` (every head streaming); and, at each sparsity,
-    ``duo`` (``pattern``'s gates), ``baseline`` (``baseline_pattern``'s gates) and ``random`` (seeded random gates,
-    so masks at different sparsities are nested)."""
+    """Methods in the order of ``kinds``: ``full``; ``streaming`` (every head streaming); and, at each sparsity and
+    each of ``kv_quants``, ``duo`` (``pattern``'s gates), ``baseline`` (``baseline_pattern``'s gates) and ``random``
+    (seeded random gates, so masks at different sparsities are nested). Full and streaming-only have no retrieval
+    cache to quantize, so they come once."""
     shape = (config.num_hidden_layers, config.num_key_value_heads)
     gate_sources: dict[str, tuple[np.ndarray, str]] = {}
     for kind, path in (("duo", pattern), ("baseline", baseline_pattern)):
@@ -368,7 +374,9 @@ def build_methods(
                 raise PatternError(f"{source}: pattern has shape {gates.shape}, the model needs {shape}")
             for sparsity in sparsities:
                 mask, _ = sparsify_attention_heads(gates, sparsity=sparsity)  # named by the sparsity asked for
-                methods.append(Method(f"{kind}@{sparsity:.2f}", kind, mask, sink_size, recent_size, source))
+                for kv in kv_quants:
+                    name = f"{kind}@{sparsity:.2f}" + (f"+{kv}" if kv else "")
+                    methods.append(Method(name, kind, mask, sink_size, recent_size, source, kv))
         else:
             raise ValueError(f"unknown method {kind!r}; expected one of {METHOD_KINDS}")
     return methods

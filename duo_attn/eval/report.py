@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..kv_quant import KVQuantSpec
 from ..learn.haystack import encode_haystack, load_haystack
 from ..models import DTYPES, SMOLLM2, load_model, resolve_dtype
 from .harness import HAYSTACK_CHARS_PER_TOKEN, GridCell, Method, build_methods, run_grid, window_sizes
@@ -140,6 +141,18 @@ def write_report(
 # -------------------------------------------------------------------------------------------------- command line
 
 
+def kv_quant_arg(text: str) -> str | None:
+    """``--kv-quant`` values: ``none`` (the model dtype) or a kind (``int8``, ``int4``, ``fp8``, optionally with a
+    group such as ``int4-g32``), checked as the flags are parsed, before any model is loaded."""
+    if text.lower() == "none":
+        return None
+    try:
+        KVQuantSpec.from_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[int], depths: Sequence[float]) -> None:
     """Flags the NIAH and passkey-grid command lines share."""
     parser.add_argument("--model", default=SMOLLM2, help="'smollm2' (offline) or a local model directory")
@@ -153,6 +166,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[
     parser.add_argument("--seed", type=int, default=0, help="seed of the random-head baseline")
     parser.add_argument("--chunk-size", type=int, default=1024, help="pre-fill chunk size (tokens)")
     parser.add_argument("--extra-new-tokens", type=int, default=8, help="greedy tokens decoded beyond the answer's")
+    parser.add_argument("--kv-quant", type=kv_quant_arg, nargs="+", default=[None], metavar="KIND",
+                        help="how duo methods store their retrieval heads' cache: none (the model dtype), int8, int4 "
+                        "or fp8 (e.g. 'none int8 int4': one row per value and method); KV bytes include the "
+                        "scales and zeros")  # fmt: skip
 
 
 def load_for_eval(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[int]]:
@@ -193,7 +210,7 @@ def run_and_report(
     sink, recent = window_sizes(pattern or baseline_pattern, args.sink, args.recent)
     methods = build_methods(
         model.config, kinds, sparsities=sparsities, sink_size=sink, recent_size=recent, pattern=pattern,
-        baseline_pattern=baseline_pattern, seed=args.seed,
+        baseline_pattern=baseline_pattern, seed=args.seed, kv_quants=args.kv_quant,
     )  # fmt: skip
     records = run_grid(
         model, tokenizer, methods, make_cells(tokenizer, haystack_ids), chunk_size=args.chunk_size,
