@@ -145,8 +145,9 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
 
 def set_memory_cap(device: torch.device, gib: float | None) -> None:
     """Cap what this process's allocator may hold on ``device`` (None: the whole device)."""
-    total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * GIB / total), device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # the call needs an index
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if gib is None else min(1.0, gib * GIB / total), index)
 
 
 @dataclass
