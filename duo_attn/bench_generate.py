@@ -121,7 +121,7 @@ def kernel_summary(prof, steps: int) -> tuple[float | None, list[tuple[str, floa
     kernels, host = [], {}
     for event in prof.key_averages():
         us = getattr(event, "self_device_time_total", 0) or getattr(event, "self_cuda_time_total", 0)
-        if us:
+        if us and not event.key.startswith(("ProfilerStep", "## ")):  # annotations (step, compiled graph), not kernels
             kernels.append((event.key[:90], us / 1e3 / steps))
         if event.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaStreamSynchronize",
                          "cudaDeviceSynchronize", "cudaMemcpyAsync"):  # fmt: skip

@@ -189,6 +189,7 @@ needs_triton = pytest.mark.skipif(quant_decode.triton_quant_decode_attention is 
         ("fp8", 16, 1, 2, 7, 130, 32, 99, True, torch.float32),
         ("fp8", 64, 2, 1, 1, 100, 64, 64, False, torch.float32),
         ("int4", 32, 1, 2, 7, 100, 64, 70, True, torch.float16),  # half queries: tensor-core dots
+        ("int8", 12, 1, 1, 2, 50, 48, 40, True, torch.float32),  # a group that is no power of two: per-channel loads
     ],
 )
 def test_quant_decode_kernel_matches_float64_attention(

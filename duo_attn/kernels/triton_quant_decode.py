@@ -27,13 +27,15 @@ KIND_CODES = {"int8": 0, "int4": 1, "fp8": 2}
 @triton.jit
 def _dequantize_block(
     DATA, SCALE, ZERO, s_n, ss_n, n, rows,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, KIND: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
-    """fp32 ``[BLOCK_N, D_PAD]`` values of tokens ``n`` of one head; rows not in ``rows`` and pad channels are 0."""
+    """fp32 ``[BLOCK_N, D_PAD]`` values of tokens ``n`` of one head; rows not in ``rows`` and pad channels are 0.
+
+    ``GROUPED`` (a power-of-two group dividing ``D_PAD``): one scale (and zero) load per group, broadcast over its
+    channels in registers; else one gathered load per channel (the scale repeated GROUP times), far more loads."""
     d = tl.arange(0, D_PAD)
     mask = rows[:, None] & (d < HEAD_DIM)[None, :]
-    params = n[:, None] * ss_n + (d // GROUP)[None, :]
-    scale = tl.load(SCALE + params, mask=mask, other=0.0).to(tl.float32)
     if KIND == 1:
         j = tl.arange(0, D_PAD // 2)
         packed = tl.load(DATA + n[:, None] * s_n + j[None, :], mask=rows[:, None] & (j < HEAD_DIM // 2)[None, :],
@@ -41,7 +43,17 @@ def _dequantize_block(
         codes = tl.interleave(packed & 15, packed >> 4)  # channel 2j: low nibble of byte j, 2j + 1: high nibble
     else:
         codes = tl.load(DATA + n[:, None] * s_n + d[None, :], mask=mask, other=0.0)
-    values = codes.to(tl.float32) * scale
+    if GROUPED:
+        gi = tl.arange(0, D_PAD // GROUP)
+        gmask = rows[:, None] & (gi < HEAD_DIM // GROUP)[None, :]
+        params = n[:, None] * ss_n + gi[None, :]
+        scale = tl.load(SCALE + params, mask=gmask, other=0.0).to(tl.float32)
+        values = tl.reshape(codes.to(tl.float32), (BLOCK_N, D_PAD // GROUP, GROUP)) * scale[:, :, None]
+        if KIND != 2:
+            values += tl.load(ZERO + params, mask=gmask, other=0.0).to(tl.float32)[:, :, None]
+        return tl.reshape(values, (BLOCK_N, D_PAD))
+    params = n[:, None] * ss_n + (d // GROUP)[None, :]
+    values = codes.to(tl.float32) * tl.load(SCALE + params, mask=mask, other=0.0).to(tl.float32)
     if KIND != 2:
         values += tl.load(ZERO + params, mask=mask, other=0.0).to(tl.float32)
     return values
@@ -53,7 +65,7 @@ def _quant_split_kernel(
     sq_b, sq_h, sk_b, sk_h, sk_n, sks_b, sks_h, sks_n, sv_b, sv_h, sv_n, svs_b, svs_h, svs_n, sp_b,
     num_kv_heads, groups, num_splits, scale_log2,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    GROUP: tl.constexpr, KIND: tl.constexpr, HAS_POS: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, KIND: tl.constexpr, HAS_POS: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -77,7 +89,7 @@ def _quant_split_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
         k = _dequantize_block(K + k_off, K_SCALE + ks_off, K_ZERO + ks_off, sk_n, sks_n, n, valid,
-                              HEAD_DIM, D_PAD, GROUP, KIND).to(q.dtype)
+                              HEAD_DIM, D_PAD, GROUP, KIND, BLOCK_N, GROUPED).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -91,7 +103,7 @@ def _quant_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         denom = denom * alpha + tl.sum(p, 1)
         v = _dequantize_block(V + v_off, V_SCALE + vs_off, V_ZERO + vs_off, sv_n, svs_n, n, valid,
-                              HEAD_DIM, D_PAD, GROUP, KIND).to(q.dtype)
+                              HEAD_DIM, D_PAD, GROUP, KIND, BLOCK_N, GROUPED).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision="ieee")
         else:
@@ -133,6 +145,8 @@ def triton_quant_decode_attention(
     block_g = max(16, triton.next_power_of_2(groups))  # tl.dot needs 16 rows
     d_pad = max(16, triton.next_power_of_2(head_dim))
     splits = _num_splits(query.device, batch * num_kv_heads, capacity)
+    group = spec.group_size
+    grouped = group & (group - 1) == 0 and d_pad % group == 0
     o_part = torch.empty(batch * num_kv_heads * splits * block_g, d_pad, dtype=torch.float32, device=query.device)
     lse_part = torch.empty(batch * num_kv_heads * splits * block_g, dtype=torch.float32, device=query.device)
     out = torch.empty_like(query) if out is None else out
@@ -146,7 +160,7 @@ def triton_quant_decode_attention(
         num_kv_heads, groups, splits, scale * LOG2E,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=BLOCK_N, GROUP=spec.group_size,
         KIND=KIND_CODES[spec.kind], HAS_POS=key_pos is not None, IEEE=query.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        GROUPED=grouped, num_warps=4, num_stages=2,
     )
     _combine_kernel[(batch * num_q_heads,)](
         o_part, lse_part, out, out.stride(0), out.stride(1), num_q_heads, groups, splits,
