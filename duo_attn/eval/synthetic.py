@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,17 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..learn.haystack import load_haystack
-from ..models import DTYPES, SMOLLM2, load_model
-from .harness import Method, build_methods, encode_prompt, generate_greedy, has_chat_template, window_sizes
+from ..models import DTYPES, MODEL_HELP, SMOLLM2, load_model
+from ..patch import disable_duo_attention
+from .harness import (
+    METHOD_KINDS,
+    Method,
+    build_methods,
+    encode_prompt,
+    generate_greedy,
+    has_chat_template,
+    window_sizes,
+)
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
 
@@ -321,11 +331,14 @@ def run_synthetic_suite(
     *,
     seed: int = 0,
     haystack: str | None = None,
+    deadline: float | None = None,
 ) -> dict[str, dict[int, float]]:
     """Greedy-decode every task at every length; returns ``{task: {length: score}}`` with scores in 0-100.
 
     A score is the mean of :func:`string_match_all` over the samples, x100 and rounded to 2 decimals.
     ``max_new_tokens`` overrides the per-task budgets; ``chunk_size`` prefills prompts in chunks of that many tokens.
+    ``deadline`` (a `time.perf_counter` value) stops the run before the next sample once passed; only the
+    (task, length) entries whose every sample was scored are returned.
     """
     unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
     if unknown:
@@ -338,6 +351,9 @@ def run_synthetic_suite(
         for length in lengths:
             total = 0.0
             for sample in make_samples(task, tokenizer, length, n_samples, seed=seed, haystack=haystack):
+                if deadline is not None and time.perf_counter() >= deadline:
+                    progress.close()
+                    return results
                 prediction = generate_greedy(model, tokenizer, sample.input_ids, budget, chunk_size=chunk_size)
                 total += sample.score(prediction)
                 progress.update()
@@ -355,9 +371,9 @@ def format_synthetic_table(results: dict[str, dict[int, float]]) -> str:
         cells = [f"{scores[n]:.2f}" if n in scores else "-" for n in lengths]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     means = []
-    for n in lengths:
+    for n in lengths:  # an average over only some tasks (a run cut short) would not compare: left out
         values = [scores[n] for scores in results.values() if n in scores]
-        means.append(f"{sum(values) / len(values):.2f}")
+        means.append(f"{sum(values) / len(values):.2f}" if len(values) == len(results) else "-")
     lines.append("| **average** | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
 
@@ -370,13 +386,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "and all-streaming heads. Writes results.json and summary.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default=SMOLLM2, help="'smollm2' (offline) or a local model directory")
+    parser.add_argument("--model", default=SMOLLM2, help=MODEL_HELP)
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="model dtype")
     parser.add_argument("--pattern", help="pattern directory for the 'duo' method (and the default window sizes)")
+    parser.add_argument("--baseline-pattern", help="a second pattern, e.g. training-free scores (method 'baseline')")
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.5, 0.75],
-                        help="fractions of KV heads made streaming, one 'duo' method each")  # fmt: skip
-    parser.add_argument("--methods", nargs="*", default=None, choices=["full", "duo", "random", "streaming"],
+                        help="fractions of KV heads made streaming, one 'duo' / 'baseline' / 'random' method each")
+    parser.add_argument("--methods", nargs="*", default=None, choices=list(METHOD_KINDS),
                         help="default: full duo streaming with --pattern, else full streaming")  # fmt: skip
     parser.add_argument("--sink", type=int, default=None, help="streaming sink size (default: the pattern's, else 64)")
     parser.add_argument("--recent", type=int, default=None,
@@ -388,6 +405,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-size", type=int, default=1024, help="pre-fill chunk size (tokens)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/synthetic"), help="where the report goes")
+    parser.add_argument("--time-limit-minutes", type=float,
+                        help="stop after this long (loading included) and report what was scored; lengths run in "
+                             "the order given, every method at one before the next")  # fmt: skip
     return parser
 
 
@@ -399,9 +419,17 @@ def write_synthetic_report(
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {"config": config, "methods": [m.describe() for m in methods], "scores": results}
     (output_dir / "results.json").write_text(json.dumps(report, indent=1))
-    tables = [f"## {name} ({m.retrieval_heads} retrieval heads)\n\n{format_synthetic_table(results[name])}"
-              for name, m in zip(results, methods)]  # fmt: skip
-    summary = "# Synthetic suite (string match, 0-100)\n\n" + "\n\n".join(tables) + "\n"
+    tables = [
+        f"## {name} ({m.retrieval_heads} retrieval heads)\n\n"
+        + (format_synthetic_table(results[name]) if any(results[name].values()) else "not run (time limit)\n")
+        for name, m in zip(results, methods)
+    ]
+    header = "# Synthetic suite (string match, 0-100)\n\n"
+    planned, done = config.get("entries_planned"), config.get("entries_done")
+    if planned is not None and done is not None and done < planned:
+        header += f"**Incomplete**: the time limit stopped the run after {done} of {planned} (method, task, length) "
+        header += "entries.\n\n"
+    summary = header + "\n\n".join(tables) + "\n"
     (output_dir / "summary.md").write_text(summary)
     print("\n\n".join(tables))
     return report
@@ -413,23 +441,41 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = _build_parser()
     args = parser.parse_args(argv)
     kinds = args.methods or (["full", "duo", "streaming"] if args.pattern else ["full", "streaming"])
-    if "duo" in kinds and not args.pattern:
-        parser.error("method 'duo' needs --pattern")
+    patterns = {"duo": ("--pattern", args.pattern), "baseline": ("--baseline-pattern", args.baseline_pattern)}
+    for kind, (flag, value) in patterns.items():
+        if kind in kinds and value is None:
+            parser.error(f"method {kind!r} needs {flag}")
 
+    started = time.perf_counter()
+    deadline = None if args.time_limit_minutes is None else started + 60.0 * args.time_limit_minutes
     model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    sink, recent = window_sizes(args.pattern, args.sink, args.recent)
+    sink, recent = window_sizes(args.pattern or args.baseline_pattern, args.sink, args.recent)
     methods = build_methods(
-        model.config, kinds, sparsities=args.sparsities, sink_size=sink, recent_size=recent, pattern=args.pattern
-    )
+        model.config, kinds, sparsities=args.sparsities, sink_size=sink, recent_size=recent, pattern=args.pattern,
+        baseline_pattern=args.baseline_pattern, seed=args.seed,
+    )  # fmt: skip
     haystack = load_haystack(None)
-    results = {}
-    for method in methods:
-        method.apply(model)
-        results[method.name] = run_synthetic_suite(
-            model, tokenizer, args.lengths, args.tasks, args.n_samples, chunk_size=args.chunk_size,
-            seed=args.seed, haystack=haystack,
-        )  # fmt: skip
-    return write_synthetic_report(args.output_dir, vars(args) | {"output_dir": str(args.output_dir)}, methods, results)
+    results: dict[str, dict[str, dict[int, float]]] = {m.name: {task: {} for task in args.tasks} for m in methods}
+    try:
+        for length in args.lengths:  # every method at one length before the next: a cut-short run still compares
+            for method in methods:
+                if deadline is not None and time.perf_counter() >= deadline:
+                    break
+                method.apply(model)
+                scores = run_synthetic_suite(
+                    model, tokenizer, [length], args.tasks, args.n_samples, chunk_size=args.chunk_size,
+                    seed=args.seed, haystack=haystack, deadline=deadline,
+                )  # fmt: skip
+                for task, by_length in scores.items():
+                    results[method.name][task].update(by_length)
+    finally:
+        if getattr(model, "duo_attention", None) is not None:
+            disable_duo_attention(model)
+    done = sum(len(by_length) for by_task in results.values() for by_length in by_task.values())
+    planned = len(methods) * len(args.tasks) * len(args.lengths)
+    config = vars(args) | {"output_dir": str(args.output_dir), "total_seconds": time.perf_counter() - started,
+                           "entries_planned": planned, "entries_done": done}  # fmt: skip
+    return write_synthetic_report(args.output_dir, config, methods, results)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from .haystack import encode_haystack, load_haystack
 
 HEATMAP_FILE = "gates.png"
 TINY_PREFIX = "tiny-"
+# What `PasskeyRunConfig.load_model` returns; a caller running several jobs on one model passes it on to each.
+LoadedModel = tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.device, torch.dtype]
 
 
 def supervised_query_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -62,20 +64,65 @@ def install_shared_attention(
 
 
 def whole_sequence_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
+    """Causal SDPA over one whole sequence without a cache, the only kind training and head scoring run.
+    ``query [B, H, L, D]``, ``key/value [B, H_kv, L, D]``; returns ``[B, H, L, D]``."""
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("duo training and head scoring run whole sequences without a cache (use_cache=False)")
+    gqa = query.shape[1] != key.shape[1]
+    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=gqa)
+
+
+def sink_window_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     scaling: float | None,
-    mask: torch.Tensor | None = None,
+    sink_size: int,
+    recent_size: int,
 ) -> torch.Tensor:
-    """SDPA over one whole sequence without a cache, the only kind training and head scoring run: causal, or within
-    a boolean ``mask``. ``query [B, H, L, D]``, ``key/value [B, H_kv, L, D]``; returns ``[B, H, L, D]``."""
+    """A streaming head's attention over one whole sequence: query ``i`` sees the keys ``j <= i`` with
+    ``j < sink_size`` or ``i - j < recent_size``. ``query [B, H, L, D]``, ``key/value [B, H_kv, L, D]``; returns
+    ``[B, H, L, D]``.
+
+    Computed in blocks, never with an ``L x L`` mask: the queries are cut into blocks of ``recent_size``, and each
+    block attends to the sink keys plus its own and the previous key block, which hold every window of the block.
+    That costs ``O(L * (sink + 2 * recent))`` instead of ``O(L^2)``; and a dense masked call with grouped-query heads
+    leaves SDPA only its math kernel on CUDA, whose fp32 ``[H, L, L]`` scores take 60 GB per layer at 32K tokens.
+    """
     if query.shape[2] != key.shape[2]:
-        raise RuntimeError("duo training and head scoring run whole sequences without a cache (use_cache=False)")
-    gqa = query.shape[1] != key.shape[1]
-    return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=gqa
-    )
+        raise RuntimeError("duo training runs whole sequences without a cache (use_cache=False)")
+    if sink_size < 0 or recent_size < 1:
+        raise ValueError(f"need sink_size >= 0 and recent_size >= 1, got {sink_size}, {recent_size}")
+    batch, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    if groups > 1:  # the masked fused kernels take no grouped-query heads; the blocks are small enough to repeat
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    window, blocks = recent_size, -(-length // recent_size)
+    pad, sinks = blocks * recent_size - length, min(sink_size, length)
+
+    def per_block(tensor: torch.Tensor, before: int) -> torch.Tensor:
+        """``[B, H, L, D]`` -> ``[B * blocks, H, rows, D]``: each block's rows, ``before`` blocks of history first."""
+        padded = F.pad(tensor, (0, 0, before * window, pad))
+        parts = [padded[:, :, i * window : (i + blocks) * window] for i in range(before + 1)]
+        rows = torch.cat([part.unflatten(2, (blocks, window)) for part in parts], dim=3)  # [B, H, blocks, rows, D]
+        if before:  # the keys: the sinks come first in every block
+            sink_rows = tensor[:, :, None, :sinks].expand(batch, heads, blocks, sinks, dim)
+            rows = torch.cat([sink_rows, rows], dim=3)
+        return rows.transpose(1, 2).flatten(0, 1)
+
+    query_pos = torch.arange(blocks * window, device=query.device).view(blocks, 1, window, 1)
+    block_start = torch.arange(blocks, device=query.device).view(blocks, 1, 1, 1) * window
+    local_pos = block_start - window + torch.arange(2 * window, device=query.device).view(1, 1, 1, -1)
+    sink_pos = torch.arange(sinks, device=query.device).view(1, 1, 1, -1)
+    in_window = (local_pos >= sink_size) & (local_pos <= query_pos) & (query_pos - local_pos < recent_size)
+    mask = torch.cat([(sink_pos <= query_pos).expand(blocks, 1, window, sinks), in_window], dim=3)
+    out = F.scaled_dot_product_attention(
+        per_block(query, 0), per_block(key, 1), per_block(value, 1), attn_mask=mask.repeat(batch, 1, 1, 1),
+        scale=scaling,
+    )  # fmt: skip
+    return out.unflatten(0, (batch, blocks)).transpose(1, 2).flatten(2, 3)[:, :, :length]
 
 
 def device_description(device: torch.device) -> str:
@@ -155,7 +202,7 @@ class PasskeyRunConfig:
         name = Path(self.model.rstrip("/")).name or "model"
         return Path("attn_patterns") / f"{name}{self.dir_infix}-sink{self.sink_size}-recent{self.recent_size}"
 
-    def load_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.device, torch.dtype]:
+    def load_model(self) -> LoadedModel:
         """The model and tokenizer on the resolved device and dtype, which are returned too."""
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)

@@ -29,6 +29,7 @@ from ..patch import InstalledAttention
 from ..patterns import save_attn_pattern
 from .run import (
     HEATMAP_FILE,
+    LoadedModel,
     PasskeyRunConfig,
     add_passkey_run_flags,
     install_shared_attention,
@@ -141,12 +142,13 @@ class ScoreConfig(PasskeyRunConfig):
 
 
 @torch.no_grad()
-def score_heads(config: ScoreConfig) -> Path:
-    """Score every KV head on ``num_samples`` passkey samples and write the pattern directory + heatmap."""
+def score_heads(config: ScoreConfig, loaded: LoadedModel | None = None) -> Path:
+    """Score every KV head on ``num_samples`` passkey samples and write the pattern directory + heatmap.
+    ``loaded``: the model already loaded as ``config`` says (`PasskeyRunConfig.load_model`), else it is loaded."""
     if config.num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {config.num_samples}")
     started = time.perf_counter()
-    model, tokenizer, device, dtype = config.load_model()
+    model, tokenizer, device, dtype = config.load_model() if loaded is None else loaded
     dataset = config.passkey_dataset(tokenizer, config.num_samples)
     recorder = attach_recorder(model, config.sink_size, config.recent_size)
     tokens = 0

@@ -25,18 +25,20 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..masks import allowed_keys
 from ..patch import InstalledAttention
 from ..patterns import atomic_write_text, save_attn_pattern
 from .checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import PasskeyDataset
+from .data import PasskeyDataset, build_passkey_sample
+from .haystack import encode_haystack, load_haystack
 from .run import (
     HEATMAP_FILE,
+    LoadedModel,
     PasskeyRunConfig,
     add_passkey_run_flags,
     install_shared_attention,
     run_provenance,
     save_gate_heatmap,
+    sink_window_attention,
     supervised_query_mask,
     whole_sequence_attention,
 )
@@ -58,15 +60,6 @@ class GateState:
         self.gates, self.sink_size, self.recent_size = gates, sink_size, recent_size
         self.teacher = False
         self.installed: InstalledAttention | None = None  # set by `attach_gates`; `installed.uninstall()` undoes it
-        self._masks: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-    def streaming_mask(self, length: int, device: torch.device) -> torch.Tensor:
-        """``[1, 1, L, L]`` sink + recent rule for positions 0..L-1 (no padding in training), built once per length."""
-        key = (length, device)
-        if key not in self._masks:
-            positions = torch.arange(length, device=device)[None]
-            self._masks = {key: allowed_keys(positions, positions, sink_size=self.sink_size, recent_size=self.recent_size)}
-        return self._masks[key]
 
     @contextmanager
     def teacher_mode(self) -> Iterator[None]:
@@ -95,8 +88,7 @@ def mixed_attention_forward(
     state: GateState = module.duo_gate_state
     full = whole_sequence_attention(query, key, value, scaling)
     if not state.teacher:
-        mask = state.streaming_mask(query.shape[2], query.device)
-        streaming = whole_sequence_attention(query, key, value, scaling, mask)
+        streaming = sink_window_attention(query, key, value, scaling, state.sink_size, state.recent_size)
         gate = state.gates[module.layer_idx].repeat_interleave(query.shape[1] // key.shape[1])
         gate = gate.to(query.dtype)[None, :, None, None]
         full = gate * full + (1 - gate) * streaming
@@ -283,8 +275,51 @@ def _train_step(
             "lr": lr, "tokens": tokens}  # fmt: skip
 
 
-def train(config: TrainConfig) -> Path | None:
-    """Run (or resume) training; returns the pattern directory, or None when stopped early to be resumed."""
+def _prepare_for_training(model: PreTrainedModel, activation_checkpointing: bool) -> None:
+    model.requires_grad_(False)
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    model.train()  # activation checkpointing is active in training mode only; these models have no dropout
+
+
+def measure_step_seconds(config: TrainConfig, lengths: Sequence[int], loaded: LoadedModel) -> dict[int, float]:
+    """Seconds one training step (teacher pass, gated pass, backward) takes at each context length, timed on the
+    model itself with throwaway gates after one warm-up step per length: turns a time budget into a step count
+    before a run starts, where nothing else can say how fast this model, GPU and library versions are."""
+    model, tokenizer, device, _ = loaded
+    _prepare_for_training(model, config.activation_checkpointing)
+    haystack = encode_haystack(tokenizer, load_haystack(config.haystack, max_chars=config.haystack_max_chars))
+    gates = nn.Parameter(torch.ones(model.config.num_hidden_layers, model.config.num_key_value_heads, device=device))
+    state = attach_gates(model, gates, config.sink_size, config.recent_size)
+    seconds = {}
+    try:
+        for length in lengths:
+            sample = build_passkey_sample(
+                tokenizer, haystack, length, random.Random(length), num_passkeys=config.num_passkeys,
+                passkey_kind=config.passkey_kind, passkey_length=config.passkey_length,
+            )  # fmt: skip
+            input_ids, labels = sample.input_ids[None].to(device), sample.labels[None].to(device)
+            for timed in (False, True):
+                _synchronize(device)
+                started = time.perf_counter()
+                gated_loss(model, state, input_ids, labels, config.reg_weight, config.distill_reduction)[0].backward()
+                _synchronize(device)
+                if timed:
+                    seconds[length] = time.perf_counter() - started
+            gates.grad = None
+    finally:
+        state.installed.uninstall()
+    return seconds
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train(config: TrainConfig, loaded: LoadedModel | None = None) -> Path | None:
+    """Run (or resume) training; returns the pattern directory, or None when stopped early to be resumed.
+    ``loaded``: the model already loaded as ``config`` says (`PasskeyRunConfig.load_model`), else it is loaded."""
     config.check()
     out = config.pattern_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -292,11 +327,8 @@ def train(config: TrainConfig) -> Path | None:
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model, tokenizer, device, dtype = config.load_model()
-    model.requires_grad_(False)
-    if config.activation_checkpointing:
-        enable_activation_checkpointing(model)
-    model.train()  # activation checkpointing is active in training mode only; these models have no dropout
+    model, tokenizer, device, dtype = config.load_model() if loaded is None else loaded
+    _prepare_for_training(model, config.activation_checkpointing)
     dataset = config.passkey_dataset(tokenizer, config.num_steps * config.grad_accum_steps)
     shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
     gates = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))

@@ -1,0 +1,102 @@
+"""The Qwen GPU plan's commands, end to end on tiny models on the CPU: budgets, partial results, bundles."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import byte_level_tokenizer, requires_smollm2
+
+from duo_attn import qwen_gpu
+from duo_attn.learn.haystack import load_haystack
+from duo_attn.learn.train import TrainConfig, train
+from duo_attn.models import tiny_model
+from duo_attn.patterns import load_attn_pattern, save_attn_pattern
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+PATTERN_FILES = {"config.json", "full_attention_heads.tsv", "gates.png"}
+
+
+def _members(archive: Path) -> set[str]:
+    with tarfile.open(archive) as tar:
+        return set(tar.getnames())
+
+
+def test_step_count_fills_the_budget_from_the_measured_steps():
+    measured = {1000: 1.0, 3000: 3.0}
+    assert qwen_gpu.expected_step_seconds(measured, [1000, 2000, 3000]) == pytest.approx(2.0)
+    assert qwen_gpu.expected_step_seconds({1000: 1.0}, [1000]) == 1.0
+    assert qwen_gpu.steps_for_budget(30.0, 2.0, 10, 100) == 15
+    assert qwen_gpu.steps_for_budget(300.0, 2.0, 10, 100) == 100
+    assert qwen_gpu.steps_for_budget(5.0, 2.0, 10, 100) == 10
+    with pytest.raises(ValueError):
+        qwen_gpu.steps_for_budget(5.0, 0.0, 1, 2)
+
+
+def test_eval_runs_every_suite_and_bundles_the_reports(tmp_path: Path):
+    tokenizer = byte_level_tokenizer([load_haystack(max_chars=20_000)], 600, chatml=True)
+    model_dir, work, out = tmp_path / "model", tmp_path / "work", tmp_path / "out"
+    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    gates = np.random.default_rng(0).random((2, 2))
+    save_attn_pattern(work / "patterns" / "learned-sink4-recent8", gates, 4, 8)
+    save_attn_pattern(work / "patterns" / "score-sink4-recent8", 1.0 - gates, 4, 8)
+    qwen_gpu.main([
+        "eval", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--out", str(out),
+        "--work", str(work), "--retrieval-fractions", "0.5", "--chunk-size", "64", "--niah-contexts", "128", "96",
+        "--niah-depths", "0.5", "--grid-contexts", "96", "--grid-depths", "0.5", "--keys-per-cell", "1",
+        "--synthetic-lengths", "300", "--synthetic-tasks", "niah_single", "--budget-minutes", "5",
+    ])  # fmt: skip
+    names = _members(out / "eval.tar.gz")
+    for suite in qwen_gpu.SUITES:
+        assert {f"eval/{suite}/summary.md", f"eval/{suite}/results.json"} <= names
+    methods = ["full", "duo@0.50", "baseline@0.50", "random@0.50", "streaming"]
+    niah = json.loads((work / "eval" / "niah" / "results.json").read_text())
+    assert [m["name"] for m in niah["methods"]] == methods and len(niah["records"]) == 2 * len(methods)
+    assert [r["context_length"] for r in niah["records"][:2]] == [128, 128]  # the contexts in the order given
+    assert niah["config"]["sink_size"] == 4 and niah["config"]["cells_done"] == niah["config"]["cells_planned"]
+    assert set(json.loads((work / "eval" / "synthetic" / "results.json").read_text())["scores"]) == set(methods)
+    summary = (out / "eval_summary.md").read_text()
+    assert "Needle in a haystack" in summary and "Held-out passkey grid" in summary and "Synthetic suite" in summary
+    assert sorted(p.name for p in out.iterdir()) == ["eval.tar.gz", "eval_summary.md"]
+
+
+def test_eval_without_a_pattern_says_which_command_comes_first(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit):
+        qwen_gpu.main(["eval", "--out", str(tmp_path), "--work", str(tmp_path / "empty")])
+    assert "found 0: run the train command first" in capsys.readouterr().err
+
+
+@requires_smollm2  # the tiny model borrows SmolLM2's tokenizer for its passkey data
+def test_train_scores_calibrates_trains_and_bundles(tmp_path: Path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    summary = qwen_gpu.main([
+        "train", "--model", "tiny-qwen2", "--device", "cpu", "--dtype", "float32", "--out", str(out),
+        "--work", str(work), "--sink-size", "16", "--recent-size", "32", "--context-length-min", "200",
+        "--context-length-max", "300", "--context-length-intervals", "3", "--num-passkeys", "2", "--score-samples", "2",
+        "--min-steps", "2", "--max-steps", "3", "--budget-minutes", "3",
+    ])  # fmt: skip
+    assert set(summary["measured_step_s"]) == {"200", "250", "300"} and summary["num_steps_planned"] in (2, 3)
+    assert summary["completed_steps"] == summary["num_steps_planned"] and not summary["partial"]
+    names = _members(out / "patterns.tar.gz")
+    for pattern in ("learned-sink16-recent32", "score-sink16-recent32"):
+        assert {f"patterns/{pattern}/{name}" for name in PATTERN_FILES} <= names
+    gates, sink, recent = load_attn_pattern(work / "patterns" / "learned-sink16-recent32")
+    assert gates.shape == (2, 2) and (sink, recent) == (16, 32)
+    assert json.loads((out / "train_summary.json").read_text())["train_wall_time_s"] > 0
+
+
+@requires_smollm2
+def test_a_run_stopped_by_its_time_limit_still_leaves_a_pattern(tmp_path: Path):
+    config = TrainConfig(model="tiny-qwen2", device="cpu", output_dir=str(tmp_path / "learned"), num_steps=4,
+                         stop_after_steps=2, sink_size=16, recent_size=32, context_length_min=200,
+                         context_length_max=240, context_length_intervals=2, num_passkeys=2)  # fmt: skip
+    loaded = config.load_model()
+    assert train(config, loaded) is None
+    out = qwen_gpu.pattern_from_checkpoint(config, loaded, {"note": "kept"})
+    info = json.loads((out / "config.json").read_text())
+    assert info["partial"] and info["completed_steps"] == 2 and info["num_steps"] == 4 and info["note"] == "kept"
+    assert PATTERN_FILES <= {p.name for p in out.iterdir()}
