@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from ..kv_quant import KVQuantSpec, QuantizedKV
 
 KIND_CODES = {"int8": 0, "int4": 1, "fp8": 2}
+# the split kernel's launch: keys per inner step, warps and software-pipeline stages (scripts/sweep_quant_decode.py measures others)
+LAUNCH = {"BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
@@ -158,9 +160,9 @@ def triton_quant_decode_attention(
         query.stride(0), query.stride(1), *_token_strides(key.data), *_token_strides(key.scale),
         *_token_strides(value.data), *_token_strides(value.scale), pos.stride(0) if key_pos is not None else 0,
         num_kv_heads, groups, splits, scale * LOG2E,
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_N=BLOCK_N, GROUP=spec.group_size,
+        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, GROUP=spec.group_size,
         KIND=KIND_CODES[spec.kind], HAS_POS=key_pos is not None, IEEE=query.dtype == torch.float32,
-        GROUPED=grouped, num_warps=4, num_stages=2,
+        GROUPED=grouped, **LAUNCH,
     )
     _combine_kernel[(batch * num_q_heads,)](
         o_part, lse_part, out, out.stride(0), out.stride(1), num_q_heads, groups, splits,
@@ -168,3 +170,4 @@ def triton_quant_decode_attention(
         num_warps=4,
     )
     return out
+
