@@ -30,10 +30,10 @@ def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> 
     query = torch.randn(1, kv_heads * groups, 1, head_dim, dtype=torch.bfloat16, device=device)
     length = torch.tensor([tokens], dtype=torch.int32, device=device)
     scale = head_dim**-0.5
-    dense = torch.randn(1, kv_heads, tokens, head_dim, dtype=torch.bfloat16, device=device)
-    ms = triton.testing.do_bench(lambda: triton_decode_attention(query, dense, dense, length, None, scale))
-    rows = [("bf16 (triton_decode)", ms, 2 * dense.numel() * 2 / ms / 1e6)]
-    del dense
+    keys, values = (torch.randn(1, kv_heads, tokens, head_dim, dtype=torch.bfloat16, device=device) for _ in "kv")
+    ms = triton.testing.do_bench(lambda: triton_decode_attention(query, keys, values, length, None, scale))
+    rows = [("bf16 (triton_decode)", ms, 2 * keys.numel() * 2 / ms / 1e6)]
+    del keys, values
     key, value = (QuantizedKV.empty(spec, 1, kv_heads, tokens, head_dim, device) for _ in range(2))
     step = 1 << 16
     for buffers in (key, value):
