@@ -51,6 +51,12 @@ def duo_attention_forward(
             f"attention module {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) has no duo "
             "attention layout: enable it with enable_duo_attention_eval(model, pattern)"
         )
+    if query.shape[1] != spec.layout.num_q_heads:
+        raise ModelError(
+            f"layer {module.layer_idx} computes {query.shape[1]} query heads but its duo layout has "
+            f"{spec.layout.num_q_heads}: the heads were split across processes (tensor parallelism) in a way "
+            "enable_duo_attention_eval did not see"
+        )
     if kwargs.get("sliding_window") is not None:
         raise ModelError(f"layer {module.layer_idx} asks for a sliding window, which duo attention does not implement")
     if isinstance(key, StaticDuoKV):

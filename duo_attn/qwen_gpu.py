@@ -39,7 +39,8 @@ from .learn.data import context_length_choices
 from .learn.haystack import encode_haystack, load_haystack
 from .learn.run import HEATMAP_FILE, LoadedModel, device_description, run_provenance, save_gate_heatmap
 from .learn.scoring import ScoreConfig, score_heads
-from .learn.train import TrainConfig, measure_step_seconds, train
+from .bench_train import measure_step_seconds
+from .learn.train import TrainConfig, train
 from .models import DTYPES, MODEL_HELP, QWEN25_CODER, export_qwen, load_model
 from .patterns import save_attn_pattern
 

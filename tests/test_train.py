@@ -14,6 +14,7 @@ from helpers import requires_smollm2
 from torch import nn
 
 import duo_attn.learn.train as train_module
+from duo_attn.compat import set_activation_checkpointing
 from duo_attn.models import decoder_layers, tiny_model
 from duo_attn.patch import disable_duo_attention, enable_duo_attention_eval
 from duo_attn.patterns import load_attn_pattern
@@ -25,7 +26,6 @@ from duo_attn.learn.train import (
     _lr_factor,
     attach_gates,
     distillation_loss,
-    enable_activation_checkpointing,
     gated_loss,
     train,
 )
@@ -123,7 +123,7 @@ def test_gradients_reach_only_the_gates() -> None:
     assert all(p.grad is None for p in model.parameters())
 
     gates.grad = None
-    enable_activation_checkpointing(model)
+    set_activation_checkpointing(model, True)
     model.train()
     loss, _ = gated_loss(model, state, input_ids, labels, reg_weight=0.0)
     loss.backward()

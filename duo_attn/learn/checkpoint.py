@@ -63,3 +63,17 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], ignored: Col
     ]
     if diffs:
         raise ValueError(f"{path} was written with different settings; cannot resume:\n  " + "\n  ".join(diffs))
+
+
+def checkpoint_to_resume(
+    path: Path, resume: bool, settings: dict[str, Any], ignored: Collection[str]
+) -> dict[str, Any] | None:
+    """The checkpoint a ``--resume`` continues (None for a fresh run); an existing one without ``resume``, or one
+    written with other ``settings`` (the ``ignored`` ones aside), is an error."""
+    if not path.exists():
+        return None
+    if not resume:
+        raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --output-dir")
+    checkpoint = load_checkpoint(path)
+    check_resumable(checkpoint["config"], settings, ignored, path)
+    return checkpoint

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 import transformers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..models import SMOLLM2, load_model, load_tokenizer, resolve_device, resolve_dtype, tiny_model
+from ..errors import ModelError
+from ..models import SMOLLM2, decoder_layers, load_model, load_tokenizer, resolve_device, resolve_dtype, tiny_model
 from ..patch import InstalledAttention, install_attention
 from ..patterns import atomic_path
+from ..placement import head_shard
 from .data import IGNORE_INDEX, PasskeyDataset
 from .haystack import encode_haystack, load_haystack
 
@@ -56,7 +58,14 @@ def install_shared_attention(
     model: PreTrainedModel, name: str, function: Callable, attr: str, state: Any
 ) -> InstalledAttention:
     """Install the attention mode ``name`` whose layers all read one ``state`` object (as ``module.<attr>``); an
-    earlier install of the same mode is replaced, any other installed mode is refused. Undo with ``uninstall()``."""
+    earlier install of the same mode is replaced, any other installed mode is refused. Undo with ``uninstall()``.
+    Tensor-parallel models are refused: a rank's layers see only its heads, the gates and scores cover all of them
+    (train with data parallelism instead, learn/data_parallel.py)."""
+    if head_shard(model, decoder_layers(model)) is not None:
+        raise ModelError(
+            f"{name} needs every attention head in each process, but this model is split by tensor parallelism; "
+            "load it whole on each rank (gate training runs data-parallel under torchrun)"
+        )
     current = getattr(model, "duo_attention_mode", None)
     if current is not None and current.name == name:
         current.uninstall()
@@ -202,9 +211,10 @@ class PasskeyRunConfig:
         name = Path(self.model.rstrip("/")).name or "model"
         return Path("attn_patterns") / f"{name}{self.dir_infix}-sink{self.sink_size}-recent{self.recent_size}"
 
-    def load_model(self) -> LoadedModel:
-        """The model and tokenizer on the resolved device and dtype, which are returned too."""
-        device = resolve_device(self.device)
+    def load_model(self, device: torch.device | None = None) -> LoadedModel:
+        """The model and tokenizer on the resolved device (or ``device``, a data-parallel rank's) and dtype, which are
+        returned too."""
+        device = resolve_device(self.device) if device is None else device
         dtype = resolve_dtype(self.dtype, device)
         model, tokenizer = load_model_and_tokenizer(self.model, device, dtype, self.tokenizer, self.seed)
         return model, tokenizer, device, dtype

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -25,11 +26,13 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from ..compat import set_activation_checkpointing
+from ..models import resolve_device
 from ..patch import InstalledAttention
 from ..patterns import atomic_write_text, save_attn_pattern
-from .checkpoint import CHECKPOINT_FILE, check_resumable, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import PasskeyDataset, build_passkey_sample
-from .haystack import encode_haystack, load_haystack
+from .checkpoint import CHECKPOINT_FILE, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
+from .data import PasskeyDataset
+from .data_parallel import DataParallel
 from .run import (
     HEATMAP_FILE,
     LoadedModel,
@@ -107,15 +110,6 @@ def attach_gates(model: PreTrainedModel, gates: nn.Parameter, sink_size: int, re
     state = GateState(gates, sink_size, recent_size)
     state.installed = install_shared_attention(model, TRAIN_ATTENTION, mixed_attention_forward, "duo_gate_state", state)
     return state
-
-
-def enable_activation_checkpointing(model: PreTrainedModel) -> None:
-    """Non-reentrant activation checkpointing under either name transformers 5.x uses for it."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 DISTILL_REDUCTIONS = ("mean", "sum")
@@ -251,11 +245,13 @@ def _train_step(
     device: torch.device,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ranks: DataParallel,
 ) -> dict[str, float]:
-    """One optimizer step over ``grad_accum_steps`` samples; the sample indices follow from ``step`` alone."""
+    """One optimizer step over ``grad_accum_steps`` samples, the global batch, shared among the data-parallel ranks;
+    the sample indices follow from ``step`` alone."""
     total = distill_sum = 0.0
     tokens = 0
-    for micro in range(config.grad_accum_steps):
+    for micro in ranks.share(config.grad_accum_steps):
         sample = dataset[step * config.grad_accum_steps + micro]
         input_ids, labels = sample.input_ids[None].to(device), sample.labels[None].to(device)
         loss, distill = gated_loss(
@@ -265,6 +261,8 @@ def _train_step(
         total += loss.item() / config.grad_accum_steps
         distill_sum += distill.item() / config.grad_accum_steps
         tokens += input_ids.shape[1]
+    ranks.sum_gradient(state.gates)
+    total, distill_sum, tokens = ranks.sum_values([total, distill_sum, tokens])
     lr = optimizer.param_groups[0]["lr"]
     optimizer.step()
     scheduler.step()
@@ -272,87 +270,60 @@ def _train_step(
     with torch.no_grad():
         state.gates.clamp_(0.0, 1.0)
     return {"step": step + 1, "loss": total, "distill": distill_sum, "mean_gate": state.gates.mean().item(),
-            "lr": lr, "tokens": tokens}  # fmt: skip
+            "lr": lr, "tokens": int(tokens)}  # fmt: skip
 
 
-def _prepare_for_training(model: PreTrainedModel, activation_checkpointing: bool) -> None:
+def prepare_for_training(model: PreTrainedModel, activation_checkpointing: bool) -> None:
+    """Frozen, in training mode (where activation checkpointing acts), checkpointing as asked."""
     model.requires_grad_(False)
     if activation_checkpointing:
-        enable_activation_checkpointing(model)
+        set_activation_checkpointing(model, True)
     model.train()  # activation checkpointing is active in training mode only; these models have no dropout
-
-
-def measure_step_seconds(config: TrainConfig, lengths: Sequence[int], loaded: LoadedModel) -> dict[int, float]:
-    """Seconds one training step (teacher pass, gated pass, backward) takes at each context length, timed on the
-    model itself with throwaway gates after one warm-up step per length: turns a time budget into a step count
-    before a run starts, where nothing else can say how fast this model, GPU and library versions are."""
-    model, tokenizer, device, _ = loaded
-    _prepare_for_training(model, config.activation_checkpointing)
-    haystack = encode_haystack(tokenizer, load_haystack(config.haystack, max_chars=config.haystack_max_chars))
-    gates = nn.Parameter(torch.ones(model.config.num_hidden_layers, model.config.num_key_value_heads, device=device))
-    state = attach_gates(model, gates, config.sink_size, config.recent_size)
-    seconds = {}
-    try:
-        for length in lengths:
-            sample = build_passkey_sample(
-                tokenizer, haystack, length, random.Random(length), num_passkeys=config.num_passkeys,
-                passkey_kind=config.passkey_kind, passkey_length=config.passkey_length,
-            )  # fmt: skip
-            input_ids, labels = sample.input_ids[None].to(device), sample.labels[None].to(device)
-            for timed in (False, True):
-                _synchronize(device)
-                started = time.perf_counter()
-                gated_loss(model, state, input_ids, labels, config.reg_weight, config.distill_reduction)[0].backward()
-                _synchronize(device)
-                if timed:
-                    seconds[length] = time.perf_counter() - started
-            gates.grad = None
-    finally:
-        state.installed.uninstall()
-    return seconds
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train(config: TrainConfig, loaded: LoadedModel | None = None) -> Path | None:
     """Run (or resume) training; returns the pattern directory, or None when stopped early to be resumed.
-    ``loaded``: the model already loaded as ``config`` says (`PasskeyRunConfig.load_model`), else it is loaded."""
+    ``loaded``: the model already loaded as ``config`` says (`PasskeyRunConfig.load_model`), else it is loaded.
+
+    Under ``torchrun`` the ranks share each step's samples (data parallelism, learn/data_parallel.py) and rank 0
+    alone writes checkpoints and outputs; the result is that of one process on the same samples."""
     config.check()
+    ranks = DataParallel.from_environment(resolve_device(config.device) if loaded is None else loaded[2])
+    try:
+        return _train(config, loaded, ranks)
+    finally:
+        ranks.close()
+
+
+def _train(config: TrainConfig, loaded: LoadedModel | None, ranks: DataParallel) -> Path | None:
+    if ranks.world_size > config.grad_accum_steps:
+        raise ValueError(
+            f"{ranks.world_size} data-parallel ranks need at least as many samples per step: --grad-accum-steps "
+            f"(the global batch, shared among the ranks) is {config.grad_accum_steps}"
+        )
     out = config.pattern_dir()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = _checkpoint_to_resume(out / CHECKPOINT_FILE, config)
+    checkpoint = checkpoint_to_resume(out / CHECKPOINT_FILE, config.resume, dataclasses.asdict(config), _RUN_CONTROL)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    model, tokenizer, device, dtype = config.load_model() if loaded is None else loaded
-    _prepare_for_training(model, config.activation_checkpointing)
+    model, tokenizer, device, dtype = config.load_model(ranks.device) if loaded is None else loaded
+    prepare_for_training(model, config.activation_checkpointing)
     dataset = config.passkey_dataset(tokenizer, config.num_steps * config.grad_accum_steps)
     shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
     gates = nn.Parameter(torch.ones(shape, dtype=torch.float32, device=device))
     state = attach_gates(model, gates, config.sink_size, config.recent_size)
     try:
-        progress = _optimise(model, state, dataset, config, device, checkpoint, out / CHECKPOINT_FILE)
+        progress = _optimise(model, state, dataset, config, device, checkpoint, out / CHECKPOINT_FILE, ranks)
     finally:
         state.installed.uninstall()
     if progress is None:
         return None
     history, elapsed = progress
-    return _write_outputs(out, config, model, gates.detach().cpu().numpy(), history, elapsed, device, dtype)
-
-
-def _checkpoint_to_resume(path: Path, config: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint a ``--resume`` continues (None for a fresh run); an existing one without --resume, or one
-    written with other settings, is an error."""
-    if not path.exists():
-        return None
-    if not config.resume:
-        raise FileExistsError(f"{path} exists: pass --resume to continue it, or choose another --output-dir")
-    checkpoint = load_checkpoint(path)
-    check_resumable(checkpoint["config"], dataclasses.asdict(config), _RUN_CONTROL, path)
-    return checkpoint
+    if ranks.is_main:
+        info = {"data_parallel_ranks": ranks.world_size}
+        _write_outputs(out, config, model, gates.detach().cpu().numpy(), history, elapsed, device, dtype, info)
+    return out
 
 
 def _optimise(
@@ -363,9 +334,10 @@ def _optimise(
     device: torch.device,
     checkpoint: dict[str, Any] | None,
     checkpoint_path: Path,
+    ranks: DataParallel,
 ) -> tuple[list[dict[str, float]], float] | None:
     """The optimisation loop, from ``checkpoint`` when given; returns ``(history, seconds)`` once all steps are
-    done, None when stopped early (time limit, --stop-after-steps) after checkpointing."""
+    done, None when stopped early (time limit, --stop-after-steps) after checkpointing (by rank 0)."""
     gates = state.gates
     optimizer = torch.optim.AdamW([gates], lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * config.num_steps)
@@ -380,17 +352,19 @@ def _optimise(
         step, elapsed, history = checkpoint["step"], checkpoint["elapsed_s"], checkpoint["history"]
     started = time.perf_counter()
     steps_this_run = 0
-    bar = tqdm(total=config.num_steps, initial=step, desc="duo-attn gates", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=config.num_steps, initial=step, desc="duo-attn gates", dynamic_ncols=True, file=sys.stderr,
+               disable=not ranks.is_main)  # fmt: skip
     while step < config.num_steps:
-        record = _train_step(model, state, dataset, step, config, device, optimizer, scheduler)
+        record = _train_step(model, state, dataset, step, config, device, optimizer, scheduler, ranks)
         step += 1
         steps_this_run += 1
         history.append(record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", distill=f"{record['distill']:.4f}", gate=f"{record['mean_gate']:.3f}")
-        over_time = config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes
+        limit_s = None if config.max_minutes is None else 60 * config.max_minutes
+        over_time = limit_s is not None and ranks.any(time.perf_counter() - started > limit_s)  # stop together
         stopping = step < config.num_steps and (over_time or steps_this_run == config.stop_after_steps)
-        if step % config.checkpoint_every == 0 or step == config.num_steps or stopping:
+        if ranks.is_main and (step % config.checkpoint_every == 0 or step == config.num_steps or stopping):
             save_checkpoint(checkpoint_path, {
                 "config": dataclasses.asdict(config), "step": step, "gates": gates.detach().cpu(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(),
@@ -398,7 +372,9 @@ def _optimise(
             })  # fmt: skip
         if stopping:
             bar.close()
-            print(f"stopped after step {step} of {config.num_steps}; rerun with --resume to continue", file=sys.stderr)
+            if ranks.is_main:
+                print(f"stopped after step {step} of {config.num_steps}; rerun with --resume to continue",
+                      file=sys.stderr)  # fmt: skip
             return None
     bar.close()
     return history, elapsed + time.perf_counter() - started
@@ -413,8 +389,9 @@ def _write_outputs(
     elapsed: float,
     device: torch.device,
     dtype: torch.dtype,
+    run_info: dict[str, Any],
 ) -> Path:
-    """Pattern directory (gates + config.json with every setting), heatmap, per-step log."""
+    """Pattern directory (gates + config.json with every setting and ``run_info``), heatmap, per-step log."""
     settings = dataclasses.asdict(config)
     for key in _RUN_CONTROL:
         settings.pop(key)
@@ -428,6 +405,7 @@ def _write_outputs(
         "final_loss": float(np.mean([r["loss"] for r in tail])),
         "final_distill": float(np.mean([r["distill"] for r in tail])),
         "mean_gate": float(gates.mean()),
+        **run_info,
     }
     if device.type == "cuda":
         info["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
@@ -443,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = TrainConfig(**vars(args))
     out = train(config)
-    if out is not None:
+    if out is not None and int(os.environ.get("RANK", "0")) == 0:
         print(f"pattern written to {out}")
     return 0
 
