@@ -311,6 +311,8 @@ def _static_cache_for_generate(model: torch.nn.Module, state: DuoAttentionState)
         if implementation is None:
             if generation_mode not in COMPILED_MODES:  # beam search runs eagerly: the dynamic cache serves it
                 return None
+            if state.shard is not None:  # a compiled step with tensor-parallel collectives is untried: stay eager
+                return None
             compile_config = generation_config.compile_config
             compiles = model.device.type in COMPILE_DEVICES or bool(
                 compile_config is not None and compile_config._compile_all_devices

@@ -212,3 +212,27 @@ def test_heads_split_behind_the_patch_are_refused_at_run_time() -> None:
     attn.duo_layer_spec = LayerSpec(HeadLayout.from_mask(MASK[0, :1], 2), SINK, RECENT, attn.duo_layer_spec.forward)
     with pytest.raises(ModelError, match="query heads"):
         model(torch.tensor([[5, 6, 7]]))
+
+
+def test_a_tensor_parallel_model_is_not_handed_a_static_cache_to_compile(monkeypatch):
+    """Where generate would compile, a sharded model still decodes eagerly on the dynamic cache: a compiled step with
+    collectives is untried (the single-process model, forced to compile, gets the static cache: the contrast)."""
+    from transformers import CompileConfig
+
+    from duo_attn import DuoCache, StaticDuoCache
+
+    model = tiny_model("llama")
+    cfg = model.config
+    state = enable_duo_attention_eval(model, np.ones((cfg.num_hidden_layers, cfg.num_key_value_heads)),
+                                      sink_size=SINK, recent_size=RECENT)  # fmt: skip
+    made = []
+    new_cache = state.new_cache
+    monkeypatch.setattr(state, "new_cache", lambda capacity=None: made.append(new_cache(capacity)) or made[-1])
+    compile_config = CompileConfig(backend="eager")
+    compile_config._compile_all_devices = True
+    ids = torch.randint(1, cfg.vocab_size, (1, 6))
+    options = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, compile_config=compile_config)
+    model.generate(ids, **options)
+    monkeypatch.setattr(state, "shard", object())  # only its presence matters to the cache choice
+    model.generate(ids, **options)
+    assert [type(c) for c in made] == [StaticDuoCache, DuoCache]
