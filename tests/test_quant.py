@@ -70,7 +70,7 @@ def test_round_trip_is_within_the_stated_bound(
         slack = FP32_SLACK * (values.abs() + zero.abs() + scale)
         # the stored zero and scale are the group's range, rounded outwards to float16 by at most one step
         assert (zero <= low).all() and (zero >= low - low.abs() * 2**-10 - 2**-24).all()
-        assert (scale >= (high - zero) / levels).all()
+        assert (scale >= (high - zero) / levels * (1 - 2**-22)).all()  # the range is divided in fp32 first
         assert (scale <= (high - zero) / levels * (1 + 2**-10) + 2**-24).all()
         assert (error <= scale / 2 + slack).all()
 
