@@ -46,7 +46,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="stop after verifying the GGUF (no safetensors cache)")  # fmt: skip
     parser.add_argument("--carry-dir", type=Path,
                         help=f"also cut the GGUF into DIR/{CARRY_STEM}1 ... (one piece per folder, with SHA256SUMS)")
-    parser.add_argument("--piece-mib", type=int, default=62, help="piece size for --carry-dir, MiB (split -b 62M)")
+    parser.add_argument("--piece-mib", type=int, default=56,
+                        help="piece size for --carry-dir, MiB (split -b 56M: a piece and the tracked tree fit one 64 MiB "
+                        "device call)")  # fmt: skip
     return parser
 
 
