@@ -374,6 +374,9 @@ def _check_kv_quant(cache: DuoCache, state: DuoAttentionState) -> None:
     """Refuse a cache whose retrieval heads are stored otherwise than the model was patched for (a name is read with
     the model's head_dim, as the patch read its own)."""
 
+    if cache.kv_quant is state.kv_quant:  # identity: a cache the state made (checked at every forward pass)
+        return
+
     def described(spec: KVQuantSpec | None) -> str:
         return "the model dtype (kv_quant=None)" if spec is None else f"kv_quant={spec.name!r}"
 
