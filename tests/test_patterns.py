@@ -155,3 +155,14 @@ def test_pattern_must_fit_the_model():
         check_pattern_fits(np.ones((32, 3)), 30, 3)
     with pytest.raises(PatternError, match="8 KV heads per layer but the model has 3"):
         check_pattern_fits(np.ones((30, 8)), 30, 3)
+
+
+@pytest.mark.parametrize("name", ["learned-sink128-recent256", "score-sink128-recent256"])
+def test_shipped_qwen_patterns_fit_the_model(name):
+    """The patterns learned and scored on the H200 for Qwen2.5-Coder-0.5B (24 layers x 2 KV heads, window 128 + 256)."""
+    root = Path(__file__).resolve().parents[1] / "attn_patterns" / "Qwen2.5-Coder-0.5B-Instruct" / name
+    gates, sink, recent = load_attn_pattern(root)
+    assert (gates.shape, sink, recent) == ((24, 2), 128, 256)
+    check_pattern_fits(gates, 24, 2)
+    mask, _ = sparsify_attention_heads(gates, sparsity=0.5)
+    assert int(mask.sum()) == 24
