@@ -410,6 +410,21 @@ class StaticDuoCache(DuoCache):
         super().__init__(retrieval_mask, sink_size, recent_size, num_attention_heads, kv_quant)
         self.layers = [StaticDuoCacheLayer(lyr.layout, self.state, self.capacity, kv_quant) for lyr in self.layers]
 
+    def early_initialization(
+        self, batch_size: int, num_heads: int | list[int], head_dim: int | list[int], dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        """Reserve every layer's buffers now, as transformers' `StaticCache` does before it compiles a chunked
+        pre-fill: buffers first allocated inside a CUDA-graph-captured call would live in that graph's memory pool,
+        where the next replay overwrites them. ``num_heads`` is the Cache signature's; the pattern fixes the heads."""
+        head_dims = {head_dim} if isinstance(head_dim, int) else set(head_dim)
+        if len(head_dims) != 1:
+            raise DuoCacheError(f"a StaticDuoCache needs one head_dim for every layer, got {sorted(head_dims)}")
+        empty = torch.empty(batch_size, 0, 0, head_dims.pop(), dtype=dtype, device=device)
+        for layer in self.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(empty, empty)
+
     @classmethod
     def for_model(cls, model, capacity: int) -> StaticDuoCache:  # type: ignore[override]
         """A fresh compileable cache for ``capacity`` tokens, for a model patched by `enable_duo_attention_eval`

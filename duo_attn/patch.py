@@ -321,7 +321,12 @@ def _static_cache_for_generate(model: torch.nn.Module, state: DuoAttentionState)
                 return None
         # one capacity across calls (the largest so far): a new size would trace the compiled step again
         state.static_capacity = max(max_cache_length, generation_config.max_cache_len or 0, state.static_capacity)
-        return state.new_cache(state.static_capacity)
+        cache = state.new_cache(state.static_capacity)
+        if getattr(generation_config, "prefill_chunk_size", None) is not None:  # generate compiles the pre-fill too
+            rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+            cache.early_initialization(rows, int(state.cache_mask.shape[1]), state.head_dim, model.dtype,
+                                       model.device)  # fmt: skip
+        return cache
 
     return factory
 

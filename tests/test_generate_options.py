@@ -311,3 +311,30 @@ def test_the_decode_op_passes_opcheck(padded):
     torch.library.opcheck(decode_attention_op, args)  # on copies of the arguments
     decode_attention_op(*args)
     assert wide[:, 1:5].abs().sum() > 0 and (wide[:, [0, 5]] == 0).all()  # the op wrote the view, only it
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_prefill_on_the_compiled_path_reserves_the_cache_first(models, kind, monkeypatch):
+    """With ``prefill_chunk_size`` generate compiles the pre-fill too, so the StaticDuoCache reserves its buffers
+    before the first forward (inside a CUDA-graph-captured call they would belong to the graph's pool and be
+    overwritten by the next replay); the tokens are the reference's."""
+    from duo_attn.kv_cache import StaticDuoCacheLayer
+
+    tokens_at_init: list[int] = []
+    original = StaticDuoCacheLayer.lazy_initialization
+
+    def recorded(self, key_states, value_states):
+        tokens_at_init.append(key_states.shape[2])
+        original(self, key_states, value_states)
+
+    monkeypatch.setattr(StaticDuoCacheLayer, "lazy_initialization", recorded)
+    ids, padding = _batch()
+    expected = _expected(models["llama"], kind, ids, padding, do_sample=False)
+    RECORD.caches.clear()
+    compile_config = CompileConfig(backend=_counting_backend, fullgraph=False)  # the pre-fill's planner runs eagerly
+    compile_config._compile_all_devices = True
+    ours = _generate(models["llama"].patched[kind], ids, padding, do_sample=False, prefill_chunk_size=4,
+                     compile_config=compile_config)  # fmt: skip
+    assert RECORD.caches == [StaticDuoCache]
+    assert tokens_at_init and set(tokens_at_init) == {0}  # every layer reserved before any token was written
+    assert torch.equal(_sequences(ours), _sequences(expected))
