@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .eval import niah, passkey_grid, synthetic
-from .eval.harness import score_answer
+from .eval.harness import METHOD_KINDS, score_answer
 from .eval.passkey_grid import passkey_prompt
 from .fetch_qwen import joined_gguf
 from .gguf_parts import QWEN25_CODER_GGUF
@@ -233,7 +233,7 @@ def _suite_argv(args: argparse.Namespace, suite: str, out: Path, minutes: float)
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--chunk-size",
               str(args.chunk_size), "--output-dir", str(out), "--time-limit-minutes", f"{minutes:.3f}"]  # fmt: skip
     patterns = ["--pattern", str(args.pattern), "--baseline-pattern", str(args.baseline_pattern)]
-    kinds = ["--methods", "full", "duo", "baseline", "random", "streaming"]
+    kinds = ["--methods", *args.methods]
     if suite == "niah":
         return [*common, *patterns, *kinds, "--sparsities", *sparsities,
                 "--contexts", *map(str, args.niah_contexts), "--depths", *map(str, args.niah_depths)]  # fmt: skip
@@ -336,6 +336,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline-pattern", type=Path,
                     help=f"training-free scores (default: the one WORK/patterns/{SCORE}-*)")  # fmt: skip
     ev.add_argument("--retrieval-fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ev.add_argument("--methods", nargs="+", choices=METHOD_KINDS, default=list(METHOD_KINDS),
+                    help="method kinds of every suite (a long suite can be split over calls by kind)")  # fmt: skip
     ev.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES), help="run in this order")
     ev.add_argument("--shares", type=float, nargs=3, default=[0.42, 0.26, 0.32],
                     help="budget shares of niah, grid, synthetic")  # fmt: skip

@@ -64,6 +64,23 @@ def test_eval_runs_every_suite_and_bundles_the_reports(tmp_path: Path):
     assert sorted(p.name for p in out.iterdir()) == ["eval.tar.gz", "eval_summary.md"]
 
 
+def test_eval_runs_only_the_method_kinds_asked_for(tmp_path: Path):
+    tokenizer = byte_level_tokenizer([load_haystack(max_chars=20_000)], 600, chatml=True)
+    model_dir, work, out = tmp_path / "model", tmp_path / "work", tmp_path / "out"
+    tiny_model("qwen2", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    save_attn_pattern(work / "patterns" / "learned-sink4-recent8", np.random.default_rng(0).random((2, 2)), 4, 8)
+    save_attn_pattern(work / "patterns" / "score-sink4-recent8", np.random.default_rng(1).random((2, 2)), 4, 8)
+    qwen_gpu.main([
+        "eval", "--model", str(model_dir), "--device", "cpu", "--dtype", "float32", "--out", str(out),
+        "--work", str(work), "--suites", "synthetic", "--methods", "random", "streaming", "--retrieval-fractions",
+        "0.25", "0.5", "--synthetic-lengths", "300", "--synthetic-tasks", "niah_single", "--chunk-size", "64",
+    ])  # fmt: skip
+    scores = json.loads((work / "eval" / "synthetic" / "results.json").read_text())["scores"]
+    assert list(scores) == ["random@0.75", "random@0.50", "streaming"]  # named by sparsity
+    assert all(by_length for by_task in scores.values() for by_length in by_task.values())
+
+
 def test_eval_without_a_pattern_says_which_command_comes_first(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         qwen_gpu.main(["eval", "--out", str(tmp_path), "--work", str(tmp_path / "empty")])
