@@ -1,5 +1,6 @@
-"""Time the quantized split-KV decode kernel under other launch configurations (keys per inner step, warps,
-pipeline stages) on one GPU, next to the bf16 kernel at the same shape, and print a markdown table.
+"""Time the quantized split-KV decode kernels (the folded one and the dequantizing one) under several launch
+configurations (keys per inner step, warps, pipeline stages) on one GPU, next to the bf16 kernel at the same shape,
+check each against the dequantize + SDPA reference in the query's dtype, and print a markdown table.
 
     python scripts/sweep_quant_decode.py --help
 """
@@ -12,27 +13,31 @@ import torch
 import triton
 
 from duo_attn.kernels import triton_quant_decode
+from duo_attn.kernels.quant_decode import reference_quant_decode_attention
 from duo_attn.kernels.triton_decode import triton_decode_attention
 from duo_attn.kernels.triton_quant_decode import LAUNCH, triton_quant_decode_attention
 from duo_attn.kv_quant import KVQuantSpec, QuantizedKV, quantize_into
 
-CONFIGS = [
+FOLDED = [
     {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2}, {"BLOCK_N": 32, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3},
-    {"BLOCK_N": 64, "num_warps": 2, "num_stages": 2}, {"BLOCK_N": 32, "num_warps": 2, "num_stages": 4},
+    {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
+    {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
 ]  # fmt: skip
+DEQUANTIZING = [{"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}]
 
 
-def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> list[tuple[str, float, float]]:
-    """``(label, ms, GB/s)`` per launch configuration, the bf16 kernel first; bytes are what each call reads."""
+def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> list[tuple[str, float, float, float]]:
+    """``(label, ms, GB/s, max |error| against the reference)`` per kernel and launch, the bf16 kernel first; bytes
+    are what each call reads."""
     spec, device = KVQuantSpec.from_name(kind, head_dim=head_dim), torch.device("cuda")
     query = torch.randn(1, kv_heads * groups, 1, head_dim, dtype=torch.bfloat16, device=device)
     length = torch.tensor([tokens], dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     keys, values = (torch.randn(1, kv_heads, tokens, head_dim, dtype=torch.bfloat16, device=device) for _ in "kv")
     ms = triton.testing.do_bench(lambda: triton_decode_attention(query, keys, values, length, None, scale))
-    rows = [("bf16 (triton_decode)", ms, 2 * keys.numel() * 2 / ms / 1e6)]
+    rows = [("bf16 (triton_decode)", ms, 2 * keys.numel() * 2 / ms / 1e6, float("nan"))]
     del keys, values
     key, value = (QuantizedKV.empty(spec, 1, kv_heads, tokens, head_dim, device) for _ in range(2))
     step = 1 << 16
@@ -40,23 +45,34 @@ def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> 
         for start in range(0, tokens, step):
             chunk = torch.randn(1, kv_heads, min(step, tokens - start), head_dim, dtype=torch.bfloat16, device=device)
             quantize_into(chunk, spec, buffers, start)
+    reference = reference_quant_decode_attention(query.float(), key, value, spec, length, None, scale)
     nbytes = sum(t.numel() * t.element_size() for kv in (key, value) for t in kv.tensors())
     default = dict(LAUNCH)
     try:
-        for config in CONFIGS:
-            LAUNCH.update(config)
-            ms = triton.testing.do_bench(
-                lambda: triton_quant_decode_attention(query, key, value, spec, length, None, scale)
-            )
-            rows.append((f"{kind} {config}", ms, nbytes / ms / 1e6))
+        for folded, configs in ((True, FOLDED), (False, DEQUANTIZING)):
+            for config in configs:
+                LAUNCH.update(config, folded=folded)
+                call = lambda: triton_quant_decode_attention(query, key, value, spec, length, None, scale)  # noqa: E731
+                error = (call().float() - reference).abs().max().item()
+                ms = triton.testing.do_bench(call)
+                label = f"{kind} {'folded' if folded else 'dequantizing'} {config}"
+                rows.append((label, ms, nbytes / ms / 1e6, error))
     finally:
+        LAUNCH.clear()
         LAUNCH.update(default)
     return rows
 
 
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """GB/s of a device-to-device copy of ``nbytes`` (read + write counted), the bandwidth a kernel can hope for."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / triton.testing.do_bench(lambda: dst.copy_(src)) / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", default="int4", choices=["int8", "int4", "fp8"])
+    parser.add_argument("--kind", nargs="+", default=["int4"], choices=["int8", "int4", "fp8"])
     parser.add_argument("--tokens", type=int, default=1 << 20)
     parser.add_argument("--kv-heads", type=int, default=4, help="KV heads per call (a layer's retrieval heads)")
     parser.add_argument("--groups", type=int, default=4, help="query heads per KV head")
@@ -65,10 +81,12 @@ def main() -> None:
     if not torch.cuda.is_available():
         parser.error("the sweep times a CUDA kernel and needs a GPU")
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, {args.tokens} tokens x {args.kv_heads} KV "
-          f"heads x GQA {args.groups}, head_dim {args.head_dim}; default {triton_quant_decode.LAUNCH}\n")  # fmt: skip
-    print("| kernel and launch | ms | GB/s read |\n|---|---|---|")
-    for label, ms, rate in sweep(args.kind, args.tokens, args.kv_heads, args.groups, args.head_dim):
-        print(f"| {label} | {ms:.3f} | {rate:.0f} |")
+          f"heads x GQA {args.groups}, head_dim {args.head_dim}, bf16 queries; default {triton_quant_decode.LAUNCH}; "
+          f"copy bandwidth {copy_bandwidth():.0f} GB/s\n")  # fmt: skip
+    print("| kernel and launch | ms | GB/s read | max abs error vs reference |\n|---|---|---|---|")
+    for kind in args.kind:
+        for label, ms, rate, error in sweep(kind, args.tokens, args.kv_heads, args.groups, args.head_dim):
+            print(f"| {label} | {ms:.3f} | {rate:.0f} | {error:.1e} |")
 
 
 if __name__ == "__main__":

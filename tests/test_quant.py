@@ -190,11 +190,21 @@ needs_triton = pytest.mark.skipif(quant_decode.triton_quant_decode_attention is 
         ("fp8", 64, 2, 1, 1, 100, 64, 64, False, torch.float32),
         ("int4", 32, 1, 2, 7, 100, 64, 70, True, torch.float16),  # half queries: tensor-core dots
         ("int8", 12, 1, 1, 2, 50, 48, 40, True, torch.float32),  # a group that is no power of two: per-channel loads
+        ("int4", 32, 1, 2, 4, 300, 128, 290, True, torch.float32),  # the Llama-3-8B head: 4 groups x GQA 4 rows
+        ("int8", 32, 1, 3, 1, 100, 128, 77, False, torch.float32),  # MHA: rows padded to 16 by query heads
+        ("int4", 32, 1, 1, 4, 256, 128, 200, False, torch.float16),  # (the interpreter has no bfloat16)
+        ("int4", 16, 1, 1, 2, 40, 16, 33, True, torch.float32),  # 8 code bytes per token: too few to fold
     ],
 )
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "dequantizing"])
 def test_quant_decode_kernel_matches_float64_attention(
-    kind, group, batch, kv_heads, groups, capacity, head_dim, length, padded, dtype
+    kind, group, batch, kv_heads, groups, capacity, head_dim, length, padded, dtype, folded, monkeypatch
 ):
+    """Both kernels (`_folded_split_kernel` where the group allows, else `_quant_split_kernel`; ``folded=False``
+    forces the second) against float64 attention over the dequantized keys and values."""
+    from duo_attn.kernels import triton_quant_decode
+
+    monkeypatch.setitem(triton_quant_decode.LAUNCH, "folded", folded)
     spec = KVQuantSpec(kind, group)
     gen = torch.Generator().manual_seed(capacity + length)
     query = torch.randn(batch, kv_heads * groups, 1, head_dim, generator=gen).to(DEVICE, dtype)

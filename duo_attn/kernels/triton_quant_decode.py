@@ -2,10 +2,19 @@
 
 The contract and the split scheme are triton_decode.py's (static shapes, the valid length in a device tensor, padding
 marked by ``key_pos == -1``, splits sized from the SM count, a log-sum-exp merge by its `_combine_kernel`); what
-differs is the key/value load: each block of codes is read with its groups' scales (and zeros) and dequantized in
-registers, so no dequantized copy of the cache is ever written and a step reads 2-4x fewer bytes than bf16 would.
-int4 bytes are split into nibbles and interleaved back to channel order in registers. The dequantized block is cast
-to the query's dtype for ``tl.dot`` (fp32 queries: exact IEEE dots, as the tests use).
+differs is the key/value load: a block of codes is read with its groups' scales (and zeros), so no dequantized copy
+of the cache is ever written and a step reads 2-4x fewer bytes than bf16 would.
+
+Two kernels. `_folded_split_kernel` (every power-of-two group of at least 16 code bytes per token) never dequantizes:
+a key's score is ``sum_G scale_G * (q_G . codes_G) + zero_G * sum(q_G)`` over its groups ``G``, so the codes go
+straight into ``tl.dot`` (0..255 and fp8 values are exact in bf16/fp16) and the scales and zeros touch the
+``[groups, query heads, keys]`` partial scores instead of every channel; values likewise, with ``p * scale_G`` as
+the dot's left operand and ``p . zero_G`` on the side. The per-group dots are one dot of a block-diagonal query
+(row ``(G, head)`` holds that head's channels of group ``G``, zero elsewhere) against all code bytes, which also fills
+the 16 rows a tensor-core dot needs with real work at GQA 4 (4 groups x 4 heads) instead of padding. int4 bytes are
+split into their low and high nibbles (even and odd channels), each with its own half of the query: no interleave.
+`_quant_split_kernel` dequantizes blocks in registers; it serves the other groups (e.g. 12 channels).
+Both cast codes to the query's dtype for ``tl.dot`` (fp32 queries: exact IEEE dots, as the tests use).
 """
 
 from __future__ import annotations
@@ -22,8 +31,121 @@ if TYPE_CHECKING:
     from ..kv_quant import KVQuantSpec, QuantizedKV
 
 KIND_CODES = {"int8": 0, "int4": 1, "fp8": 2}
-# the split kernel's launch: keys per inner step, warps and software-pipeline stages (scripts/sweep_quant_decode.py measures others)
-LAUNCH = {"BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 2}
+# the split kernels' launch: keys per inner step, warps, software-pipeline stages, and whether the folded kernel
+# serves the groups it can (scripts/sweep_quant_decode.py measures others)
+LAUNCH = {"BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 2, "folded": True}
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _folded_split_kernel(
+    Q, K, K_SCALE, K_ZERO, V, V_SCALE, V_ZERO, LENGTH, POS, O_PART, LSE_PART,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sks_b, sks_h, sks_n, sv_b, sv_h, sv_n, svs_b, svs_h, svs_n, sp_b,
+    num_kv_heads, groups, num_splits, scale_log2,
+    D_PAD: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, NG_PAD: tl.constexpr, GQ_PAD: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_POS: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Rows ``r = G * GQ_PAD + head``: ``ROWS = NG_PAD * GQ_PAD``; columns ``c = G * HALF + j`` of the ``KW = NG_PAD *
+    HALF`` code bytes (int4: a byte holds channels ``2j, 2j + 1`` of group ``G``; else ``HALF = GROUP``)."""
+    ROWS: tl.constexpr = NG_PAD * GQ_PAD
+    KW: tl.constexpr = NG_PAD * HALF
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_kv_heads).to(tl.int64)  # 64-bit offsets, as in triton_decode.py
+    h = (bh % num_kv_heads).to(tl.int64)
+    length = tl.load(LENGTH)
+    per_split = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, length)
+
+    r = tl.arange(0, ROWS)
+    r_group, r_head = r // GQ_PAD, r % GQ_PAD
+    c = tl.arange(0, KW)
+    c_group = c // HALF
+    if KIND == 1:
+        channel = c_group * GROUP + 2 * (c % HALF)  # the low nibble's channel; the high one is the next
+    else:
+        channel = c_group * GROUP + c % HALF
+    diagonal = (r_group[:, None] == c_group[None, :]) & (r_group < NG)[:, None]
+    q_ptr = Q + b * sq_b + (h * groups + r_head)[:, None] * sq_h + channel[None, :]
+    q_mask = diagonal & (r_head < groups)[:, None]
+    q_lo = tl.load(q_ptr, mask=q_mask, other=0.0)
+    q_sum = tl.sum(q_lo.to(tl.float32), 1)
+    q_hi = q_lo
+    if KIND == 1:
+        q_hi = tl.load(q_ptr + 1, mask=q_mask, other=0.0)
+        q_sum += tl.sum(q_hi.to(tl.float32), 1)
+    q_sum = tl.reshape(q_sum, (NG_PAD, GQ_PAD))
+
+    gi = tl.arange(0, NG_PAD)
+    c_ok = c_group < NG
+    m = tl.full([GQ_PAD], float("-inf"), tl.float32)
+    denom = tl.zeros([GQ_PAD], tl.float32)
+    acc_lo = tl.zeros([ROWS, KW], tl.float32)
+    acc_hi = tl.zeros([ROWS, KW], tl.float32)
+    zero_acc = tl.zeros([NG_PAD, GQ_PAD], tl.float32)
+    k_base, ks_base = K + b * sk_b + h * sk_h, K_SCALE + b * sks_b + h * sks_h
+    kz_base = K_ZERO + b * sks_b + h * sks_h
+    v_base, vs_base = V + b * sv_b + h * sv_h, V_SCALE + b * svs_b + h * svs_h
+    vz_base = V_ZERO + b * svs_b + h * svs_h
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        valid = n < end
+        codes = tl.load(k_base + n[:, None] * sk_n + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
+        part = tl.zeros([ROWS, BLOCK_N], tl.float32)
+        if KIND == 1:
+            part = _dot(q_lo, tl.trans((codes & 15).to(q_lo.dtype)), part, IEEE)
+            part = _dot(q_hi, tl.trans((codes >> 4).to(q_lo.dtype)), part, IEEE)
+        else:
+            part = _dot(q_lo, tl.trans(codes.to(q_lo.dtype)), part, IEEE)
+        params = gi[:, None] + n[None, :] * sks_n
+        pmask = (gi < NG)[:, None] & valid[None, :]
+        folded = tl.reshape(part, (NG_PAD, GQ_PAD, BLOCK_N))
+        folded = folded * tl.load(ks_base + params, mask=pmask, other=0.0).to(tl.float32)[:, None, :]
+        if KIND != 2:
+            folded += q_sum[:, :, None] * tl.load(kz_base + params, mask=pmask, other=0.0).to(tl.float32)[:, None, :]
+        s = tl.sum(folded, 0)
+        if HAS_POS:
+            valid = valid & (tl.load(POS + b * sp_b + n, mask=valid, other=-1) >= 0)
+        s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # also drops NaN from unwritten slots
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        denom = denom * alpha + tl.sum(p, 1)
+        params = gi[:, None] + n[None, :] * svs_n
+        pmask = (gi < NG)[:, None] & valid[None, :]
+        p_scaled = p[None, :, :] * tl.load(vs_base + params, mask=pmask, other=0.0).to(tl.float32)[:, None, :]
+        p_scaled = tl.reshape(p_scaled, (ROWS, BLOCK_N)).to(q_lo.dtype)
+        codes = tl.load(v_base + n[:, None] * sv_n + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
+        alpha_rows = tl.reshape(tl.broadcast_to(alpha[None, :], (NG_PAD, GQ_PAD)), (ROWS,))[:, None]
+        if KIND == 1:
+            acc_lo = _dot(p_scaled, (codes & 15).to(q_lo.dtype), acc_lo * alpha_rows, IEEE)
+            acc_hi = _dot(p_scaled, (codes >> 4).to(q_lo.dtype), acc_hi * alpha_rows, IEEE)
+        else:
+            acc_lo = _dot(p_scaled, codes.to(q_lo.dtype), acc_lo * alpha_rows, IEEE)
+        if KIND != 2:
+            v_zero = tl.load(vz_base + params, mask=pmask, other=0.0).to(tl.float32)
+            zero_acc = zero_acc * alpha[None, :] + tl.sum(p[None, :, :] * v_zero[:, None, :], 2)
+        m = m_new
+    heads = (bh * num_splits + split) * GQ_PAD + tl.arange(0, GQ_PAD)
+    denom_safe = tl.where(denom > 0, denom, 1.0)
+    tl.store(LSE_PART + heads, tl.where(denom > 0, m + tl.log2(denom_safe), float("-inf")))
+    # row (G, head) of the accumulators holds that head's channels of group G in its diagonal block
+    denom_rows = tl.reshape(tl.broadcast_to(denom_safe[None, :], (NG_PAD, GQ_PAD)), (ROWS,))[:, None]
+    zero_rows = tl.reshape(zero_acc, (ROWS,))[:, None]
+    out = O_PART + ((bh * num_splits + split) * GQ_PAD + r_head)[:, None] * D_PAD + channel[None, :]
+    tl.store(out, (acc_lo + zero_rows) / denom_rows, mask=diagonal)
+    if KIND == 1:
+        tl.store(out + 1, (acc_hi + zero_rows) / denom_rows, mask=diagonal)
 
 
 @triton.jit
@@ -144,30 +266,43 @@ def triton_quant_decode_attention(
         if q.zero is not None and q.zero.stride() != q.scale.stride():
             raise ValueError("a zero tensor must have its scale tensor's strides")
     groups = num_q_heads // num_kv_heads
-    block_g = max(16, triton.next_power_of_2(groups))  # tl.dot needs 16 rows
     d_pad = max(16, triton.next_power_of_2(head_dim))
     splits = _num_splits(query.device, batch * num_kv_heads, capacity)
     group = spec.group_size
-    grouped = group & (group - 1) == 0 and d_pad % group == 0
+    half = group // 2 if spec.kind == "int4" else group  # code bytes (elements) per group and token
+    num_groups = head_dim // group
+    pow2 = group & (group - 1) == 0
+    folded = LAUNCH["folded"] and pow2 and triton.next_power_of_2(num_groups) * half >= 16
+    if folded:
+        ng_pad = triton.next_power_of_2(num_groups)
+        block_g = max(triton.next_power_of_2(groups), -(-16 // ng_pad))  # rows of the dot: ng_pad * block_g >= 16
+    else:
+        block_g = max(16, triton.next_power_of_2(groups))  # tl.dot needs 16 rows
     o_part = torch.empty(batch * num_kv_heads * splits * block_g, d_pad, dtype=torch.float32, device=query.device)
     lse_part = torch.empty(batch * num_kv_heads * splits * block_g, dtype=torch.float32, device=query.device)
     out = torch.empty_like(query) if out is None else out
     pos = key_pos if key_pos is not None else length  # any pointer: not read without HAS_POS
     k_zero = key.zero if key.zero is not None else key.scale  # fp8: not read
     v_zero = value.zero if value.zero is not None else value.scale
-    _quant_split_kernel[(splits, batch * num_kv_heads)](
+    args = (
         query, key.data, key.scale, k_zero, value.data, value.scale, v_zero, length, pos, o_part, lse_part,
         query.stride(0), query.stride(1), *_token_strides(key.data), *_token_strides(key.scale),
         *_token_strides(value.data), *_token_strides(value.scale), pos.stride(0) if key_pos is not None else 0,
         num_kv_heads, groups, splits, scale * LOG2E,
-        HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, GROUP=spec.group_size,
-        KIND=KIND_CODES[spec.kind], HAS_POS=key_pos is not None, IEEE=query.dtype == torch.float32,
-        GROUPED=grouped, **LAUNCH,
-    )
+    )  # fmt: skip
+    common = {"KIND": KIND_CODES[spec.kind], "HAS_POS": key_pos is not None, "IEEE": query.dtype == torch.float32,
+              "GROUP": group, "D_PAD": d_pad, **{k: v for k, v in LAUNCH.items() if k != "folded"}}  # fmt: skip
+    if folded:
+        _folded_split_kernel[(splits, batch * num_kv_heads)](
+            *args, NG=num_groups, NG_PAD=ng_pad, GQ_PAD=block_g, HALF=half, **common
+        )
+    else:
+        _quant_split_kernel[(splits, batch * num_kv_heads)](
+            *args, HEAD_DIM=head_dim, BLOCK_G=block_g, GROUPED=pow2 and d_pad % group == 0, **common
+        )
     _combine_kernel[(batch * num_q_heads,)](
         o_part, lse_part, out, out.stride(0), out.stride(1), num_q_heads, groups, splits,
         HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_G=block_g, BLOCK_S=triton.next_power_of_2(splits),
         num_warps=4,
     )
     return out
-
