@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 KIND_CODES = {"int8": 0, "int4": 1, "fp8": 2}
 # the split kernels' launch: keys per inner step, warps, software-pipeline stages, and whether the folded kernel
 # serves the groups it can (scripts/sweep_quant_decode.py measures others)
-LAUNCH = {"BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 2, "folded": True}
+LAUNCH = {"BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 3, "folded": True}
 
 
 @triton.jit
