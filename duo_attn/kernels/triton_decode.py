@@ -24,13 +24,9 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _split_kernel(
-    Q, K, V, LENGTH, POS, O_PART, LSE_PART,
-    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sp_b,
-    num_kv_heads, groups, num_splits, scale_log2,
-    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_POS: tl.constexpr, IEEE: tl.constexpr,
-):
+def _split_range(LENGTH, num_kv_heads, num_splits, BLOCK_N: tl.constexpr):
+    """This program's split, (sequence, KV head) index, sequence, KV head, and its key range ``[start, end)``: the
+    valid length cut into ``num_splits`` ranges of whole ``BLOCK_N`` blocks. Shared by every split kernel."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_kv_heads).to(tl.int64)  # 64-bit offsets: a long cache's head stride times heads exceeds 2**31
@@ -38,7 +34,29 @@ def _split_kernel(
     length = tl.load(LENGTH)
     per_split = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
     start = split * per_split
-    end = tl.minimum(start + per_split, length)
+    return split, bh, b, h, start, tl.minimum(start + per_split, length)
+
+
+@triton.jit
+def _online_softmax(s, m, denom):
+    """One block of base-2 scores ``s [rows, keys]`` into the running max ``m`` and ``denom``: the block's weights
+    ``p``, the factor ``alpha`` that rescales what was accumulated before, and the new ``m`` and ``denom``."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing valid yet: avoid -inf - -inf
+    alpha = tl.exp2(m - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    return p, alpha, m_new, denom * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _split_kernel(
+    Q, K, V, LENGTH, POS, O_PART, LSE_PART,
+    sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sp_b,
+    num_kv_heads, groups, num_splits, scale_log2,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_POS: tl.constexpr, IEEE: tl.constexpr,
+):
+    split, bh, b, h, start, end = _split_range(LENGTH, num_kv_heads, num_splits, BLOCK_N)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D_PAD)
@@ -61,11 +79,7 @@ def _split_kernel(
         if HAS_POS:
             valid = valid & (tl.load(POS + b * sp_b + n, mask=valid, other=-1) >= 0)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing valid yet: avoid -inf - -inf
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
+        p, alpha, m_new, denom = _online_softmax(s, m, denom)
         v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")

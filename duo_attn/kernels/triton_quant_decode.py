@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_decode import BLOCK_N, LOG2E, _combine_kernel, _num_splits
+from .triton_decode import BLOCK_N, LOG2E, _combine_kernel, _num_splits, _online_softmax, _split_range
 
 if TYPE_CHECKING:
     from ..kv_quant import KVQuantSpec, QuantizedKV
@@ -57,14 +57,7 @@ def _folded_split_kernel(
     HALF`` code bytes (int4: a byte holds channels ``2j, 2j + 1`` of group ``G``; else ``HALF = GROUP``)."""
     ROWS: tl.constexpr = NG_PAD * GQ_PAD
     KW: tl.constexpr = NG_PAD * HALF
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_kv_heads).to(tl.int64)  # 64-bit offsets, as in triton_decode.py
-    h = (bh % num_kv_heads).to(tl.int64)
-    length = tl.load(LENGTH)
-    per_split = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, length)
+    split, bh, b, h, start, end = _split_range(LENGTH, num_kv_heads, num_splits, BLOCK_N)
 
     r = tl.arange(0, ROWS)
     r_group, r_head = r // GQ_PAD, r % GQ_PAD
@@ -116,11 +109,7 @@ def _folded_split_kernel(
         if HAS_POS:
             valid = valid & (tl.load(POS + b * sp_b + n, mask=valid, other=-1) >= 0)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # also drops NaN from unwritten slots
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
+        p, alpha, m_new, denom = _online_softmax(s, m, denom)
         params = gi[:, None] + n[None, :] * svs_n
         pmask = (gi < NG)[:, None] & valid[None, :]
         p_scaled = p[None, :, :] * tl.load(vs_base + params, mask=pmask, other=0.0).to(tl.float32)[:, None, :]
@@ -191,14 +180,7 @@ def _quant_split_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP: tl.constexpr, KIND: tl.constexpr, HAS_POS: tl.constexpr, IEEE: tl.constexpr, GROUPED: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_kv_heads).to(tl.int64)  # 64-bit offsets, as in triton_decode.py
-    h = (bh % num_kv_heads).to(tl.int64)
-    length = tl.load(LENGTH)
-    per_split = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, length)
+    split, bh, b, h, start, end = _split_range(LENGTH, num_kv_heads, num_splits, BLOCK_N)
 
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D_PAD)
@@ -221,11 +203,7 @@ def _quant_split_kernel(
         if HAS_POS:
             valid = valid & (tl.load(POS + b * sp_b + n, mask=valid, other=-1) >= 0)
         s = tl.where(valid[None, :], s * scale_log2, float("-inf"))  # also drops NaN from unwritten slots
-        m_new = tl.maximum(m, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        denom = denom * alpha + tl.sum(p, 1)
+        p, alpha, m_new, denom = _online_softmax(s, m, denom)
         v = _dequantize_block(V + v_off, V_SCALE + vs_off, V_ZERO + vs_off, sv_n, svs_n, n, valid,
                               HEAD_DIM, D_PAD, GROUP, KIND, BLOCK_N, GROUPED).to(q.dtype)
         if IEEE:
