@@ -1,5 +1,6 @@
 """Time the quantized split-KV decode kernels (the folded one and the dequantizing one) under several launch
-configurations (keys per inner step, warps, pipeline stages) on one GPU, next to the bf16 kernel at the same shape,
+configurations (keys per inner step, warps, pipeline stages, `_nibbles`' bit-pattern conversion or the arithmetic one,
+CTAs per SM) on one GPU, next to the bf16 kernel at the same shape,
 check each against the dequantize + SDPA reference in the query's dtype, and print a markdown table.
 
     python scripts/sweep_quant_decode.py --help
@@ -12,18 +13,21 @@ import argparse
 import torch
 import triton
 
-from duo_attn.kernels import triton_quant_decode
+from duo_attn.kernels import triton_decode, triton_quant_decode
 from duo_attn.kernels.quant_decode import reference_quant_decode_attention
 from duo_attn.kernels.triton_decode import triton_decode_attention
 from duo_attn.kernels.triton_quant_decode import LAUNCH, triton_quant_decode_attention
 from duo_attn.kv_quant import KVQuantSpec, QuantizedKV, quantize_into
 
 FOLDED = [
-    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3},
-    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 256, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 2},
-    {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "magic": False},  # the arithmetic conversion, 2026-12-03's best
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
+    {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 128, "num_warps": 8, "num_stages": 3}, {"BLOCK_N": 256, "num_warps": 8, "num_stages": 3},
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "splits_per_sm": 8},
+    {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "splits_per_sm": 8},
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "splits_per_sm": 2},
 ]  # fmt: skip
 DEQUANTIZING = [{"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}]
 
@@ -47,11 +51,16 @@ def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> 
             quantize_into(chunk, spec, buffers, start)
     reference = reference_quant_decode_attention(query.float(), key, value, spec, length, None, scale)
     nbytes = sum(t.numel() * t.element_size() for kv in (key, value) for t in kv.tensors())
-    default = dict(LAUNCH)
+    default, splits = dict(LAUNCH), (triton_decode.SPLITS_PER_SM, triton_decode.MAX_SPLITS)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     try:
         for folded, configs in ((True, FOLDED), (False, DEQUANTIZING)):
             for config in configs:
-                LAUNCH.update(config, folded=folded)
+                LAUNCH.clear()
+                LAUNCH.update(default, folded=folded)
+                LAUNCH.update({k: v for k, v in config.items() if k != "splits_per_sm"})
+                triton_decode.SPLITS_PER_SM = config.get("splits_per_sm", splits[0])
+                triton_decode.MAX_SPLITS = max(splits[1], -(-triton_decode.SPLITS_PER_SM * sms // kv_heads))
                 call = lambda: triton_quant_decode_attention(query, key, value, spec, length, None, scale)  # noqa: E731
                 error = (call().float() - reference).abs().max().item()
                 ms = triton.testing.do_bench(call)
@@ -60,6 +69,7 @@ def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> 
     finally:
         LAUNCH.clear()
         LAUNCH.update(default)
+        triton_decode.SPLITS_PER_SM, triton_decode.MAX_SPLITS = splits
     return rows
 
 
