@@ -10,8 +10,9 @@ from transformers import DynamicCache
 
 from duo_attn.compat import cache_kwargs, output_cache
 from duo_attn import DuoCache, DuoCacheError, ModelError, PatternError, disable_duo_attention, enable_duo_attention_eval
+from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 TOL = dict(atol=2e-4, rtol=1e-4)
 
 

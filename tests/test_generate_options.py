@@ -24,10 +24,11 @@ from transformers.generation.streamers import BaseStreamer
 from duo_attn import DuoCache, StaticDuoCache, disable_duo_attention, enable_duo_attention_eval
 from duo_attn.compat import output_cache
 from duo_attn.kernels.decode import decode_attention_op
+from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 KINDS = ["all-retrieval", "pattern"]
 PATHS = ["dynamic", "compiled"]
 SINK, RECENT = 3, 2  # a window of 5 tokens: prompts of 2 and 9 real tokens plus the new ones outgrow it

@@ -22,8 +22,9 @@ from duo_attn.models import (
     tiny_config,
     tiny_model,
 )
+from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from duo_attn import DuoCache, DuoCacheError, StaticDuoCache, disable_duo_attention, enable_duo_attention_eval
 from duo_attn.generate import StaticDecoder, generate
 from duo_attn.kernels.decode import triton_decode_attention
+from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 TOL = dict(atol=2e-4, rtol=1e-4)
 _MODELS: dict = {}
 

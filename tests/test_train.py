@@ -16,7 +16,7 @@ from torch import nn
 import duo_attn.learn.train as train_module
 from duo_attn.compat import set_activation_checkpointing
 from duo_attn.models import decoder_layers, tiny_model
-from duo_attn.patch import disable_duo_attention, enable_duo_attention_eval
+from duo_attn.patch import SUPPORTED_MODEL_TYPES, disable_duo_attention, enable_duo_attention_eval
 from duo_attn.patterns import load_attn_pattern
 from duo_attn.learn.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from duo_attn.learn.run import HEATMAP_FILE, sink_window_attention, supervised_query_mask
@@ -32,7 +32,7 @@ from duo_attn.learn.train import (
 
 REPO = Path(__file__).resolve().parents[1]
 SINK, RECENT = 4, 8
-ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
