@@ -1,6 +1,5 @@
 """Time the quantized split-KV decode kernels (the folded one and the dequantizing one) under several launch
-configurations (keys per inner step, warps, pipeline stages, `_nibbles`' bit-pattern conversion or the arithmetic one,
-CTAs per SM) on one GPU, next to the bf16 kernel at the same shape,
+configurations (keys per inner step, warps, pipeline stages, CTAs per SM) on one GPU, next to the bf16 kernel at the same shape,
 check each against the dequantize + SDPA reference in the query's dtype, and print a markdown table.
 
     python scripts/sweep_quant_decode.py --help
@@ -20,7 +19,6 @@ from duo_attn.kernels.triton_quant_decode import LAUNCH, triton_quant_decode_att
 from duo_attn.kv_quant import KVQuantSpec, QuantizedKV, quantize_into
 
 FOLDED = [
-    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "magic": False},  # the arithmetic conversion, 2026-12-03's best
     {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
     {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}, {"BLOCK_N": 128, "num_warps": 4, "num_stages": 2},
     {"BLOCK_N": 32, "num_warps": 4, "num_stages": 4}, {"BLOCK_N": 64, "num_warps": 8, "num_stages": 3},

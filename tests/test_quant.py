@@ -194,23 +194,19 @@ needs_triton = pytest.mark.skipif(quant_decode.triton_quant_decode_attention is 
         ("int8", 32, 1, 3, 1, 100, 128, 77, False, torch.float32),  # MHA: rows padded to 16 by query heads
         ("int4", 32, 1, 1, 4, 256, 128, 200, False, torch.float16),  # (the interpreter has no bfloat16)
         ("int4", 16, 1, 1, 2, 40, 16, 33, True, torch.float32),  # 8 code bytes per token: too few to fold
-        ("int8", 32, 2, 2, 4, 200, 128, 131, True, torch.float16),  # int8 nibbles by bits: both in one dot row
+        ("int8", 32, 2, 2, 4, 200, 128, 131, True, torch.float16),  # half queries over int8 codes
         ("int8", 16, 1, 1, 7, 70, 64, 70, False, torch.float16),
     ],
 )
-@pytest.mark.parametrize(
-    "folded,magic", [(True, True), (True, False), (False, False)], ids=["folded", "folded-arithmetic", "dequantizing"]
-)
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "dequantizing"])
 def test_quant_decode_kernel_matches_float64_attention(
-    kind, group, batch, kv_heads, groups, capacity, head_dim, length, padded, dtype, folded, magic, monkeypatch
+    kind, group, batch, kv_heads, groups, capacity, head_dim, length, padded, dtype, folded, monkeypatch
 ):
     """Both kernels (`_folded_split_kernel` where the group allows, else `_quant_split_kernel`; ``folded=False``
-    forces the second; half queries fold with `_nibbles`' bit patterns unless ``magic=False``) against float64
-    attention over the dequantized keys and values."""
+    forces the second) against float64 attention over the dequantized keys and values."""
     from duo_attn.kernels import triton_quant_decode
 
     monkeypatch.setitem(triton_quant_decode.LAUNCH, "folded", folded)
-    monkeypatch.setitem(triton_quant_decode.LAUNCH, "magic", magic)
     spec = KVQuantSpec(kind, group)
     gen = torch.Generator().manual_seed(capacity + length)
     query = torch.randn(batch, kv_heads * groups, 1, head_dim, generator=gen).to(DEVICE, dtype)

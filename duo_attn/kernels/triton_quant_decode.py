@@ -33,10 +33,7 @@ if TYPE_CHECKING:
 KIND_CODES = {"int8": 0, "int4": 1, "fp8": 2}
 # the split kernels' launch: keys per inner step, warps, software-pipeline stages, and whether the folded kernel
 # serves the groups it can (scripts/sweep_quant_decode.py measures others)
-LAUNCH = {"BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 3, "folded": True, "magic": True}
-# `_nibbles`' bit patterns per query dtype: (low nibble -> OFFSET + x, high nibble of an int8 code -> its OFFSET +
-# 16 x); the offsets of int4 (both nibbles as the low one) and of int8 (the two nibbles of one code together)
-MAGIC = {torch.bfloat16: (0x4300, 0x4500, 128.0, 2176.0), torch.float16: (0x6400, 0x7400, 1024.0, 17408.0)}
+LAUNCH = {"BLOCK_N": BLOCK_N, "num_warps": 4, "num_stages": 3, "folded": True}
 
 
 @triton.jit
@@ -49,31 +46,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _nibbles(codes, MAGIC_LO: tl.constexpr, MAGIC_HI: tl.constexpr, DTYPE: tl.constexpr):
-    """A byte's low and high nibble as 16-bit floats with no int-to-float conversion (the slow instruction that bound
-    the kernel): ``MAGIC | nibble`` puts the nibble in the mantissa of a power of two, e.g. bf16 ``0x4300 | x`` is
-    ``128 + x`` and ``0x4500 | x`` is ``2048 + 16 x`` (fp16: ``0x6400``, ``0x7400``)."""
-    wide = codes.to(tl.uint16)
-    lo = ((wide & 15) | MAGIC_LO).to(DTYPE, bitcast=True)
-    hi = ((wide >> 4) | MAGIC_HI).to(DTYPE, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
 def _folded_split_kernel(
     Q, K, K_SCALE, K_ZERO, V, V_SCALE, V_ZERO, LENGTH, POS, O_PART, LSE_PART,
     sq_b, sq_h, sk_b, sk_h, sk_n, sks_b, sks_h, sks_n, sv_b, sv_h, sv_n, svs_b, svs_h, svs_n, sp_b,
     num_kv_heads, groups, num_splits, scale_log2,
     D_PAD: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr, NG_PAD: tl.constexpr, GQ_PAD: tl.constexpr,
     HALF: tl.constexpr, BLOCK_N: tl.constexpr, KIND: tl.constexpr, HAS_POS: tl.constexpr, IEEE: tl.constexpr,
-    MAGIC_LO: tl.constexpr, MAGIC_HI: tl.constexpr, OFFSET: tl.constexpr,
 ):
     """Rows ``r = G * GQ_PAD + head``: ``ROWS = NG_PAD * GQ_PAD``; columns ``c = G * HALF + j`` of the ``KW = NG_PAD *
-    HALF`` code bytes (int4: a byte holds channels ``2j, 2j + 1`` of group ``G``; else ``HALF = GROUP``).
-
-    ``MAGIC_LO`` (0: convert codes arithmetically): a byte's nibbles become dot operands by bits alone (`_nibbles`),
-    each ``OFFSET`` / the nibble count too large; the scores and outputs subtract ``OFFSET`` times the query's and
-    ``p * scale``'s sums per group (exact: those sums are of the very operands the dots saw)."""
+    HALF`` code bytes (int4: a byte holds channels ``2j, 2j + 1`` of group ``G``; else ``HALF = GROUP``)."""
     ROWS: tl.constexpr = NG_PAD * GQ_PAD
     KW: tl.constexpr = NG_PAD * HALF
     split, bh, b, h, start, end = _split_range(LENGTH, num_kv_heads, num_splits, BLOCK_N)
@@ -96,7 +77,6 @@ def _folded_split_kernel(
         q_hi = tl.load(q_ptr + 1, mask=q_mask, other=0.0)
         q_sum += tl.sum(q_hi.to(tl.float32), 1)
     q_sum = tl.reshape(q_sum, (NG_PAD, GQ_PAD))
-    q_offset = q_sum * OFFSET
 
     gi = tl.arange(0, NG_PAD)
     c_ok = c_group < NG
@@ -105,7 +85,6 @@ def _folded_split_kernel(
     acc_lo = tl.zeros([ROWS, KW], tl.float32)
     acc_hi = tl.zeros([ROWS, KW], tl.float32)
     zero_acc = tl.zeros([NG_PAD, GQ_PAD], tl.float32)
-    p_sum = tl.zeros([ROWS, 1], tl.float32)  # of p * scale as the value dots saw it (MAGIC_LO only)
     k_base, ks_base = K + b * sk_b + h * sk_h, K_SCALE + b * sks_b + h * sks_h
     kz_base = K_ZERO + b * sks_b + h * sks_h
     v_base, vs_base = V + b * sv_b + h * sv_h, V_SCALE + b * svs_b + h * svs_h
@@ -115,11 +94,7 @@ def _folded_split_kernel(
         valid = n < end
         codes = tl.load(k_base + n[:, None] * sk_n + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
         part = tl.zeros([ROWS, BLOCK_N], tl.float32)
-        if MAGIC_LO != 0:
-            lo, hi = _nibbles(codes, MAGIC_LO, MAGIC_HI, q_lo.dtype)
-            part = _dot(q_lo, tl.trans(lo), part, IEEE)
-            part = _dot(q_hi, tl.trans(hi), part, IEEE)  # int8: q_hi is q_lo, hi holds 16x the high nibble
-        elif KIND == 1:
+        if KIND == 1:
             part = _dot(q_lo, tl.trans((codes & 15).to(q_lo.dtype)), part, IEEE)
             part = _dot(q_hi, tl.trans((codes >> 4).to(q_lo.dtype)), part, IEEE)
         else:
@@ -127,8 +102,6 @@ def _folded_split_kernel(
         params = gi[:, None] + n[None, :] * sks_n
         pmask = (gi < NG)[:, None] & valid[None, :]
         folded = tl.reshape(part, (NG_PAD, GQ_PAD, BLOCK_N))
-        if MAGIC_LO != 0:
-            folded -= q_offset[:, :, None]
         folded = folded * tl.load(ks_base + params, mask=pmask, other=0.0).to(tl.float32)[:, None, :]
         if KIND != 2:
             folded += q_sum[:, :, None] * tl.load(kz_base + params, mask=pmask, other=0.0).to(tl.float32)[:, None, :]
@@ -143,15 +116,7 @@ def _folded_split_kernel(
         p_scaled = tl.reshape(p_scaled, (ROWS, BLOCK_N)).to(q_lo.dtype)
         codes = tl.load(v_base + n[:, None] * sv_n + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
         alpha_rows = tl.reshape(tl.broadcast_to(alpha[None, :], (NG_PAD, GQ_PAD)), (ROWS,))[:, None]
-        if MAGIC_LO != 0:
-            lo, hi = _nibbles(codes, MAGIC_LO, MAGIC_HI, q_lo.dtype)
-            p_sum = p_sum * alpha_rows + tl.sum(p_scaled.to(tl.float32), 1)[:, None]
-            acc_lo = _dot(p_scaled, lo, acc_lo * alpha_rows, IEEE)
-            if KIND == 1:
-                acc_hi = _dot(p_scaled, hi, acc_hi * alpha_rows, IEEE)
-            else:
-                acc_lo = _dot(p_scaled, hi, acc_lo, IEEE)
-        elif KIND == 1:
+        if KIND == 1:
             acc_lo = _dot(p_scaled, (codes & 15).to(q_lo.dtype), acc_lo * alpha_rows, IEEE)
             acc_hi = _dot(p_scaled, (codes >> 4).to(q_lo.dtype), acc_hi * alpha_rows, IEEE)
         else:
@@ -165,7 +130,7 @@ def _folded_split_kernel(
     tl.store(LSE_PART + heads, tl.where(denom > 0, m + tl.log2(denom_safe), float("-inf")))
     # row (G, head) of the accumulators holds that head's channels of group G in its diagonal block
     denom_rows = tl.reshape(tl.broadcast_to(denom_safe[None, :], (NG_PAD, GQ_PAD)), (ROWS,))[:, None]
-    zero_rows = tl.reshape(zero_acc, (ROWS,))[:, None] - p_sum * OFFSET
+    zero_rows = tl.reshape(zero_acc, (ROWS,))[:, None]
     out = O_PART + ((bh * num_splits + split) * GQ_PAD + r_head)[:, None] * D_PAD + channel[None, :]
     tl.store(out, (acc_lo + zero_rows) / denom_rows, mask=diagonal)
     if KIND == 1:
@@ -304,15 +269,10 @@ def triton_quant_decode_attention(
         num_kv_heads, groups, splits, scale * LOG2E,
     )  # fmt: skip
     common = {"KIND": KIND_CODES[spec.kind], "HAS_POS": key_pos is not None, "IEEE": query.dtype == torch.float32,
-              "GROUP": group, "D_PAD": d_pad, **{k: v for k, v in LAUNCH.items() if k not in ("folded", "magic")}}  # fmt: skip
+              "GROUP": group, "D_PAD": d_pad, **{k: v for k, v in LAUNCH.items() if k != "folded"}}  # fmt: skip
     if folded:
-        magic_lo, magic_hi, offset = 0, 0, 0.0  # fp32 queries (exact IEEE dots) and fp8 codes convert arithmetically
-        if LAUNCH["magic"] and spec.kind != "fp8" and query.dtype in MAGIC:
-            magic_lo, magic_hi, offset4, offset8 = MAGIC[query.dtype]
-            magic_hi, offset = (magic_lo, offset4) if spec.kind == "int4" else (magic_hi, offset8)
         _folded_split_kernel[(splits, batch * num_kv_heads)](
-            *args, NG=num_groups, NG_PAD=ng_pad, GQ_PAD=block_g, HALF=half, MAGIC_LO=magic_lo, MAGIC_HI=magic_hi,
-            OFFSET=offset, **common,
+            *args, NG=num_groups, NG_PAD=ng_pad, GQ_PAD=block_g, HALF=half, **common
         )
     else:
         _quant_split_kernel[(splits, batch * num_kv_heads)](
