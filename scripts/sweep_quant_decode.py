@@ -30,16 +30,41 @@ FOLDED = [
 DEQUANTIZING = [{"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}]
 
 
-def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> list[tuple[str, float, float, float]]:
-    """``(label, ms, GB/s, max |error| against the reference)`` per kernel and launch, the bf16 kernel first; bytes
-    are what each call reads."""
+class CompiledRecorder:
+    """Stands in for a `@triton.jit` kernel and keeps what its last launch compiled to, for its registers per
+    thread, spilled registers and shared memory (what decides how many CTAs an SM holds)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.compiled = kernel, None
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.compiled = launch(*args, **kwargs)
+            return self.compiled
+
+        return run
+
+    def resources(self) -> str:
+        c = self.compiled
+        if c is None:
+            return "?"
+        shared = getattr(getattr(c, "metadata", None), "shared", None)
+        kib = f"{shared / 1024:.0f}" if isinstance(shared, int) else "?"
+        return f"{getattr(c, 'n_regs', '?')} / {getattr(c, 'n_spills', '?')} / {kib}"
+
+
+def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> list[tuple[str, float, float, float, str]]:
+    """``(label, ms, GB/s, max |error| against the reference, "registers / spills / shared KiB")`` per kernel and
+    launch, the bf16 kernel first; bytes are what each call reads."""
     spec, device = KVQuantSpec.from_name(kind, head_dim=head_dim), torch.device("cuda")
     query = torch.randn(1, kv_heads * groups, 1, head_dim, dtype=torch.bfloat16, device=device)
     length = torch.tensor([tokens], dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     keys, values = (torch.randn(1, kv_heads, tokens, head_dim, dtype=torch.bfloat16, device=device) for _ in "kv")
     ms = triton.testing.do_bench(lambda: triton_decode_attention(query, keys, values, length, None, scale))
-    rows = [("bf16 (triton_decode)", ms, 2 * keys.numel() * 2 / ms / 1e6, float("nan"))]
+    rows = [("bf16 (triton_decode)", ms, 2 * keys.numel() * 2 / ms / 1e6, float("nan"), "")]
     del keys, values
     key, value = (QuantizedKV.empty(spec, 1, kv_heads, tokens, head_dim, device) for _ in range(2))
     step = 1 << 16
@@ -51,6 +76,7 @@ def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> 
     nbytes = sum(t.numel() * t.element_size() for kv in (key, value) for t in kv.tensors())
     default, splits = dict(LAUNCH), (triton_decode.SPLITS_PER_SM, triton_decode.MAX_SPLITS)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    kernels = {name: getattr(triton_quant_decode, name) for name in ("_folded_split_kernel", "_quant_split_kernel")}
     try:
         for folded, configs in ((True, FOLDED), (False, DEQUANTIZING)):
             for config in configs:
@@ -59,12 +85,18 @@ def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> 
                 LAUNCH.update({k: v for k, v in config.items() if k != "splits_per_sm"})
                 triton_decode.SPLITS_PER_SM = config.get("splits_per_sm", splits[0])
                 triton_decode.MAX_SPLITS = max(splits[1], -(-triton_decode.SPLITS_PER_SM * sms // kv_heads))
+                name = "_folded_split_kernel" if folded else "_quant_split_kernel"
+                recorder = CompiledRecorder(kernels[name])
+                setattr(triton_quant_decode, name, recorder)
                 call = lambda: triton_quant_decode_attention(query, key, value, spec, length, None, scale)  # noqa: E731
                 error = (call().float() - reference).abs().max().item()
+                setattr(triton_quant_decode, name, recorder.kernel)
                 ms = triton.testing.do_bench(call)
                 label = f"{kind} {'folded' if folded else 'dequantizing'} {config}"
-                rows.append((label, ms, nbytes / ms / 1e6, error))
+                rows.append((label, ms, nbytes / ms / 1e6, error, recorder.resources()))
     finally:
+        for name, kernel in kernels.items():
+            setattr(triton_quant_decode, name, kernel)
         LAUNCH.clear()
         LAUNCH.update(default)
         triton_decode.SPLITS_PER_SM, triton_decode.MAX_SPLITS = splits
@@ -91,10 +123,11 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, triton {triton.__version__}, {args.tokens} tokens x {args.kv_heads} KV "
           f"heads x GQA {args.groups}, head_dim {args.head_dim}, bf16 queries; default {triton_quant_decode.LAUNCH}; "
           f"copy bandwidth {copy_bandwidth():.0f} GB/s\n")  # fmt: skip
-    print("| kernel and launch | ms | GB/s read | max abs error vs reference |\n|---|---|---|---|")
+    print("| kernel and launch | ms | GB/s read | max abs error vs reference | registers / spills / shared KiB |\n"
+          "|---|---|---|---|---|")  # fmt: skip
     for kind in args.kind:
-        for label, ms, rate, error in sweep(kind, args.tokens, args.kv_heads, args.groups, args.head_dim):
-            print(f"| {label} | {ms:.3f} | {rate:.0f} | {error:.1e} |")
+        for label, ms, rate, error, resources in sweep(kind, args.tokens, args.kv_heads, args.groups, args.head_dim):
+            print(f"| {label} | {ms:.3f} | {rate:.0f} | {error:.1e} | {resources} |")
 
 
 if __name__ == "__main__":
