@@ -1,6 +1,7 @@
 """Time the quantized split-KV decode kernels (the folded one and the dequantizing one) under several launch
-configurations (keys per inner step, warps, pipeline stages, CTAs per SM) on one GPU, next to the bf16 kernel at the same shape,
-check each against the dequantize + SDPA reference in the query's dtype, and print a markdown table.
+configurations (keys per inner step, warps, pipeline stages, CTAs per SM) on one GPU, next to the bf16 kernel at the
+same shape, check each against the dequantize + SDPA reference in the query's dtype, and print a markdown table with
+each compiled kernel's registers, spills and shared memory.
 
     python scripts/sweep_quant_decode.py --help
 """
@@ -55,7 +56,10 @@ class CompiledRecorder:
         return f"{getattr(c, 'n_regs', '?')} / {getattr(c, 'n_spills', '?')} / {kib}"
 
 
-def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> list[tuple[str, float, float, float, str]]:
+Row = tuple[str, float, float, float, str]
+
+
+def sweep(kind: str, tokens: int, kv_heads: int, groups: int, head_dim: int) -> list[Row]:
     """``(label, ms, GB/s, max |error| against the reference, "registers / spills / shared KiB")`` per kernel and
     launch, the bf16 kernel first; bytes are what each call reads."""
     spec, device = KVQuantSpec.from_name(kind, head_dim=head_dim), torch.device("cuda")
