@@ -12,7 +12,6 @@ from duo_attn.compat import cache_kwargs, output_cache
 from duo_attn import DuoCache, DuoCacheError, ModelError, PatternError, disable_duo_attention, enable_duo_attention_eval
 from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
-ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 TOL = dict(atol=2e-4, rtol=1e-4)
 
 
@@ -21,7 +20,7 @@ def _compare_real_positions(ours, oracle, padding_mask):
     torch.testing.assert_close(ours[real].double(), oracle[real], **TOL)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
 def test_all_retrieval_heads_match_the_unpatched_model(arch):
     model = device_model(arch)
     cfg = model.config
@@ -41,7 +40,7 @@ def test_all_retrieval_heads_match_the_unpatched_model(arch):
     assert torch.equal(generation, plain_generation)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
 def test_all_streaming_heads_match_the_sink_window_reference(arch):
     model = device_model(arch)
     cfg = model.config
@@ -61,7 +60,7 @@ def test_all_streaming_heads_match_the_sink_window_reference(arch):
 
 @st.composite
 def duo_cases(draw):
-    arch = draw(st.sampled_from(ARCHS))
+    arch = draw(st.sampled_from(SUPPORTED_MODEL_TYPES))
     batch = draw(st.integers(1, 3))
     length = draw(st.integers(6, 48))
     pads = [draw(st.integers(0, min(6, length - 1))) for _ in range(batch)]
@@ -76,7 +75,7 @@ def duo_cases(draw):
     return arch, batch, length, pads, sink, recent, chunks, seed
 
 
-_MODELS = {arch: None for arch in ARCHS}
+_MODELS = {arch: None for arch in SUPPORTED_MODEL_TYPES}
 
 
 def _shared_model(arch):

@@ -28,7 +28,6 @@ from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 KINDS = ["all-retrieval", "pattern"]
 PATHS = ["dynamic", "compiled"]
 SINK, RECENT = 3, 2  # a window of 5 tokens: prompts of 2 and 9 real tokens plus the new ones outgrow it
@@ -167,7 +166,7 @@ def _check(models: Models, kind: str, path: str, ids, padding, *, eager_steps: b
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
 def test_greedy_and_seeded_sampling(models, arch, kind, path):
     """Greedy decoding (its logits too) and sampling with temperature, top-k, top-p and a repetition penalty (same
     seed, same tokens) on a left-padded batch, for every architecture."""

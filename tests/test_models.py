@@ -24,10 +24,8 @@ from duo_attn.models import (
 )
 from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
-ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 
-
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
 def test_tiny_config(arch: str):
     config = tiny_config(arch)
     assert config.model_type == arch
@@ -42,7 +40,7 @@ def test_tiny_config_unknown_arch():
         tiny_config("gpt2")
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
 def test_tiny_model_forward(arch: str):
     model = tiny_model(arch)
     assert not model.training and next(model.parameters()).dtype == torch.float32

@@ -14,7 +14,6 @@ from duo_attn.generate import StaticDecoder, generate
 from duo_attn.kernels.decode import triton_decode_attention
 from duo_attn.patch import SUPPORTED_MODEL_TYPES
 
-ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 TOL = dict(atol=2e-4, rtol=1e-4)
 _MODELS: dict = {}
 
@@ -27,7 +26,7 @@ def _model(arch):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    arch=st.sampled_from(ARCHS),
+    arch=st.sampled_from(SUPPORTED_MODEL_TYPES),
     batch=st.integers(1, 3),
     pads=st.lists(st.integers(0, 5), min_size=3, max_size=3),
     sink=st.integers(0, 4),

@@ -32,7 +32,6 @@ from duo_attn.learn.train import (
 
 REPO = Path(__file__).resolve().parents[1]
 SINK, RECENT = 4, 8
-ARCHS = SUPPORTED_MODEL_TYPES  # every architecture the patch accepts
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -67,7 +66,7 @@ def _tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
     return TrainConfig(**settings)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
 def test_gates_at_one_reproduce_full_attention(arch: str) -> None:
     model = tiny_model(arch)
     input_ids, labels = _inputs()
@@ -81,7 +80,7 @@ def test_gates_at_one_reproduce_full_attention(arch: str) -> None:
     assert loss.item() == pytest.approx(0.05)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", SUPPORTED_MODEL_TYPES)
 def test_binary_gates_match_the_inference_path(arch: str) -> None:
     input_ids, _ = _inputs(length=40)
     trained = tiny_model(arch)
