@@ -36,7 +36,13 @@ from .kv_cache import DuoCache, StaticDuoCache
 from .kv_quant import KVQuantSpec, resolve_kv_quant
 from .masks import check_padding_mask
 from .models import decoder_layers
-from .patterns import check_gates, check_pattern_fits, load_attn_pattern, sparsify_attention_heads
+from .patterns import (
+    check_gates,
+    check_pattern_fits,
+    check_retrieval_floor,
+    load_attn_pattern,
+    sparsify_attention_heads,
+)
 from .placement import HeadShard, check_one_execution_device, head_shard
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -93,12 +99,14 @@ def resolve_pattern(
     threshold: float | None = None,
     sink_size: int | None = None,
     recent_size: int | None = None,
+    min_retrieval_per_layer: int = 0,
 ) -> tuple[np.ndarray, int, int]:
     """Any accepted pattern form -> ``(retrieval mask [L, H_kv] bool, sink_size, recent_size)``.
 
     A directory or a ``load_attn_pattern`` tuple holds gates: they are sparsified with ``sparsity`` or ``threshold``
-    (default threshold 0.5). A bare array is taken as a 0/1 mask when it is binary and neither is given, else as gates;
-    window sizes must then be passed explicitly.
+    (default threshold 0.5), keeping ``min_retrieval_per_layer`` retrieval heads in every layer
+    (`sparsify_attention_heads`). A bare array is taken as a 0/1 mask when it is binary and neither is given, else as
+    gates; window sizes must then be passed explicitly. A mask is used as given: one below the floor is an error.
     """
     file_sink = file_recent = None
     if isinstance(pattern, (str, os.PathLike)):
@@ -123,10 +131,14 @@ def resolve_pattern(
     if sink + recent == 0:
         raise PatternError("sink_size + recent_size must be positive")
     binary = bool(np.isin(gates, (0.0, 1.0)).all())
-    if sparsity is None and threshold is None:
-        mask = gates.astype(bool) if binary else sparsify_attention_heads(gates, threshold=DEFAULT_THRESHOLD)[0]
+    floor = {"min_retrieval_per_layer": min_retrieval_per_layer}
+    if sparsity is None and threshold is None and binary:
+        mask = gates.astype(bool)
+        check_retrieval_floor(mask, min_retrieval_per_layer)
+    elif sparsity is None and threshold is None:
+        mask = sparsify_attention_heads(gates, threshold=DEFAULT_THRESHOLD, **floor)[0]
     else:
-        mask = sparsify_attention_heads(gates, sparsity=sparsity, threshold=threshold)[0]
+        mask = sparsify_attention_heads(gates, sparsity=sparsity, threshold=threshold, **floor)[0]
     return mask, int(sink), int(recent)
 
 
@@ -209,6 +221,7 @@ def enable_duo_attention_eval(
     reorder_heads: bool = True,
     compile_generate: bool = True,
     kv_quant: str | KVQuantSpec | None = None,
+    min_retrieval_per_layer: int = 0,
 ) -> DuoAttentionState:
     """Patch ``model`` in place for DuoAttention inference; ``model(...)`` and ``model.generate(...)`` then use it.
 
@@ -236,6 +249,10 @@ def enable_duo_attention_eval(
     is stored quantized (docs/kv_quant.md); streaming heads stay in the model dtype. A kind the model's head_dim or
     device cannot take (int4 with an odd head_dim, fp8 on a GPU below compute capability 8.9) raises ``ValueError``
     before the model is touched.
+
+    ``min_retrieval_per_layer``: gates are sparsified keeping at least that many retrieval heads in every layer (the
+    layer's highest gates; `sparsify_attention_heads`), so that no layer loses the whole context. A 0/1 mask is used
+    as given, and one with a layer below the floor is refused.
     """
     _check_model(model)
     mode = getattr(model, "duo_attention_mode", None)
@@ -244,8 +261,9 @@ def enable_duo_attention_eval(
     cache_arg = cache_argument(getattr(model, "base_model", model))
     warn_if_untested()
     mask, sink, recent = resolve_pattern(
-        pattern, sparsity=sparsity, threshold=threshold, sink_size=sink_size, recent_size=recent_size
-    )
+        pattern, sparsity=sparsity, threshold=threshold, sink_size=sink_size, recent_size=recent_size,
+        min_retrieval_per_layer=min_retrieval_per_layer,
+    )  # fmt: skip
     config = model.config
     check_pattern_fits(mask, config.num_hidden_layers, config.num_key_value_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -32,6 +32,7 @@ import torch
 from .eval import niah, passkey_grid, synthetic
 from .eval.harness import METHOD_KINDS, score_answer
 from .eval.passkey_grid import passkey_prompt
+from .eval.report import FLOOR_HELP, floor_arg
 from .fetch_qwen import joined_gguf
 from .gguf_parts import QWEN25_CODER_GGUF
 from .learn.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -233,7 +234,7 @@ def _suite_argv(args: argparse.Namespace, suite: str, out: Path, minutes: float)
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--chunk-size",
               str(args.chunk_size), "--output-dir", str(out), "--time-limit-minutes", f"{minutes:.3f}"]  # fmt: skip
     patterns = ["--pattern", str(args.pattern), "--baseline-pattern", str(args.baseline_pattern)]
-    kinds = ["--methods", *args.methods]
+    kinds = ["--methods", *args.methods, "--min-retrieval-per-layer", str(args.min_retrieval_per_layer)]
     if suite == "niah":
         return [*common, *patterns, *kinds, "--sparsities", *sparsities,
                 "--contexts", *map(str, args.niah_contexts), "--depths", *map(str, args.niah_depths)]  # fmt: skip
@@ -338,6 +339,8 @@ def _build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--retrieval-fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
     ev.add_argument("--methods", nargs="+", choices=METHOD_KINDS, default=list(METHOD_KINDS),
                     help="method kinds of every suite (a long suite can be split over calls by kind)")  # fmt: skip
+    ev.add_argument("--min-retrieval-per-layer", type=floor_arg, default=0, metavar="N",
+                    help=f"every suite's floor: {FLOOR_HELP}")  # fmt: skip
     ev.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES), help="run in this order")
     ev.add_argument("--shares", type=float, nargs=3, default=[0.42, 0.26, 0.32],
                     help="budget shares of niah, grid, synthetic")  # fmt: skip

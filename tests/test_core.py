@@ -222,6 +222,11 @@ def test_disable_restores_the_model():
         (np.ones((2, 2)), dict(sink_size=0, recent_size=0), "positive"),
         (np.full((2, 2), np.nan), dict(sink_size=1, recent_size=2), "non-finite"),
         (np.ones((2, 2)) * 0.5, dict(sink_size=1, recent_size=2, sparsity=2.0), "sparsity must be in"),
+        (np.ones((2, 2)) * 0.5, dict(sink_size=1, recent_size=2, sparsity=0.75, min_retrieval_per_layer=1),
+         "leaving at most 2 streaming heads"),
+        (np.ones((2, 2)) * 0.5, dict(sink_size=1, recent_size=2, min_retrieval_per_layer=-1), "must be >= 0"),
+        (np.array([[1.0, 0.0], [0.0, 0.0]]), dict(sink_size=1, recent_size=2, min_retrieval_per_layer=1),
+         r"mask keeps fewer than min_retrieval_per_layer=1 retrieval heads in layer\(s\) 1"),
         ("/nonexistent/pattern", {}, "not found"),
     ],
 )
@@ -232,6 +237,21 @@ def test_bad_input_is_rejected_and_changes_nothing(pattern, kwargs, message):
         enable_duo_attention_eval(model, pattern, **kwargs)
     assert model.config._attn_implementation == before and not hasattr(model, "duo_attention")
     assert not model.base_model._forward_pre_hooks
+
+
+def test_the_floor_keeps_a_retrieval_head_in_every_layer():
+    model = device_model("llama", num_hidden_layers=2)
+    gates = np.array([[0.9, 0.8], [0.1, 0.2]])
+    state = enable_duo_attention_eval(model, gates, sink_size=1, recent_size=2, sparsity=0.5)
+    np.testing.assert_array_equal(state.retrieval_mask, [[True, True], [False, False]])
+    state = enable_duo_attention_eval(model, gates, sink_size=1, recent_size=2, sparsity=0.5, min_retrieval_per_layer=1)
+    np.testing.assert_array_equal(state.retrieval_mask, [[True, False], [False, True]])
+    state = enable_duo_attention_eval(model, gates, sink_size=1, recent_size=2, min_retrieval_per_layer=1)
+    np.testing.assert_array_equal(state.retrieval_mask, [[True, True], [False, True]])  # default threshold 0.5
+    mask = np.array([[1.0, 0.0], [0.0, 1.0]])
+    state = enable_duo_attention_eval(model, mask, sink_size=1, recent_size=2, min_retrieval_per_layer=1)
+    np.testing.assert_array_equal(state.retrieval_mask, mask.astype(bool))  # a mask meeting the floor, as given
+    disable_duo_attention(model)
 
 
 def test_unsupported_model_gets_a_clear_error():

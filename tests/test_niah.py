@@ -12,10 +12,10 @@ import torch
 from helpers import byte_level_tokenizer
 from transformers import DynamicCache, PreTrainedTokenizerFast
 
-from duo_attn import DuoCache, disable_duo_attention, enable_duo_attention_eval, save_attn_pattern
+from duo_attn import DuoCache, PatternError, disable_duo_attention, enable_duo_attention_eval, save_attn_pattern
 from duo_attn.learn.data import NeedlePrompt
 from duo_attn.learn.haystack import encode_haystack, load_haystack
-from duo_attn.eval import niah, passkey_grid
+from duo_attn.eval import niah, passkey_grid, synthetic
 from duo_attn.eval.harness import build_methods, key_only, kv_bytes, new_cache, prefill, run_grid, score_answer
 from duo_attn.eval.report import write_report
 from duo_attn.models import tiny_model
@@ -134,6 +134,31 @@ def test_build_methods_masks(model):
         build_methods(model.config, ["sparse"], sparsities=[0.5])
 
 
+def test_build_methods_with_a_floor_name_and_record_it(model, tmp_path: Path):
+    gates = np.array([[0.9, 0.8], [0.1, 0.2]])  # ranked globally, half the heads streaming empties layer 1
+    save_attn_pattern(tmp_path / "duo", gates, SINK, RECENT)
+    save_attn_pattern(tmp_path / "baseline", 1.0 - gates, SINK, RECENT)
+    kinds = ["full", "duo", "baseline", "random", "streaming"]
+    paths = dict(pattern=tmp_path / "duo", baseline_pattern=tmp_path / "baseline")
+    methods = build_methods(model.config, kinds, sparsities=[0.5], kv_quants=[None, "int4"], min_retrieval_per_layer=1,
+                            **paths)  # fmt: skip
+    assert [m.name for m in methods] == [
+        "full", "duo@0.50-floor1", "duo@0.50-floor1+int4", "baseline@0.50-floor1", "baseline@0.50-floor1+int4",
+        "random@0.50-floor1", "random@0.50-floor1+int4", "streaming",
+    ]  # fmt: skip
+    np.testing.assert_array_equal(methods[1].retrieval_mask, [[True, False], [False, True]])
+    np.testing.assert_array_equal(methods[3].retrieval_mask, [[False, True], [True, False]])
+    assert all((m.retrieval_mask.sum(axis=1) == 1).all() for m in methods[1:7])
+    described = [m.describe() for m in methods]
+    assert [d["min_retrieval_per_layer"] for d in described] == [0, 1, 1, 1, 1, 1, 1, 0]
+    assert described[1]["retrieval_mask"] == [[1, 0], [0, 1]] and described[1]["sparsity"] == 0.5
+    plain = build_methods(model.config, ["duo"], sparsities=[0.5], **paths)[0]
+    assert plain.name == "duo@0.50" and plain.describe()["min_retrieval_per_layer"] == 0
+    np.testing.assert_array_equal(plain.retrieval_mask, [[True, True], [False, False]])
+    with pytest.raises(PatternError, match="leaving at most 0 streaming heads"):
+        build_methods(model.config, ["random"], sparsities=[0.5], min_retrieval_per_layer=2)
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 
 
@@ -202,6 +227,26 @@ def test_passkey_grid_end_to_end(tiny_dir: Path, tmp_path: Path):
     assert not np.array_equal(duo, baseline)  # opposite gates pick the other half of the heads
     keys = [r["answer"] for r in results["records"] if r["method"] == "full"]
     assert len(set(keys)) == 4 and all(k.isdigit() and len(k) == 5 for k in keys)
+
+
+def test_niah_with_a_floor_names_the_methods_and_their_heatmaps(tiny_dir: Path, tmp_path: Path):
+    out = tmp_path / "niah"
+    niah.main([
+        "--model", str(tiny_dir / "model"), "--contexts", "96", "--depths", "0.5", "--methods", "duo", "random",
+        "--pattern", str(tiny_dir / "pattern"), "--sparsities", "0.5", "--chunk-size", "64",
+        "--min-retrieval-per-layer", "1", "--output-dir", str(out),
+    ])  # fmt: skip
+    results = _check_report(out, ["duo@0.50-floor1", "random@0.50-floor1"], [96], cells=1)
+    assert (out / "heatmap_duo_0.50-floor1.png").is_file()
+    assert results["config"]["min_retrieval_per_layer"] == 1
+    assert all(np.array(m["retrieval_mask"]).sum(axis=1).min() >= 1 for m in results["methods"])
+
+
+def test_the_eval_commands_refuse_a_negative_floor(capsys):
+    for main in (niah.main, passkey_grid.main, synthetic.main):
+        with pytest.raises(SystemExit):
+            main(["--min-retrieval-per-layer", "-1"])
+        assert "expected a non-negative integer, got -1" in capsys.readouterr().err
 
 
 def test_a_grid_cut_short_reports_what_it_scored(model, tokenizer, tmp_path: Path):

@@ -9,6 +9,7 @@ import pytest
 from duo_attn.patterns import (
     PatternError,
     check_pattern_fits,
+    check_retrieval_floor,
     load_attn_pattern,
     save_attn_pattern,
     sparsify_attention_heads,
@@ -149,6 +150,133 @@ def test_sparsify_rejects_nan():
         sparsify_attention_heads(np.array([[0.5, np.nan]]), sparsity=0.5)
 
 
+# 3 layers x 2 KV heads; ranked globally, half the heads streaming empties layer 1 (gates 0.1 and 0.2)
+FLOOR_GATES = np.array([[0.9, 0.8], [0.1, 0.2], [0.3, 0.05]])
+
+
+def _old_sparsify(gates: np.ndarray, sparsity: float) -> np.ndarray:
+    """The global ranking as it was before the floor: the reference min_retrieval_per_layer=0 must reproduce."""
+    flat = gates.ravel()
+    order = np.lexsort((np.arange(flat.size), flat))
+    mask = np.ones(flat.size, dtype=bool)
+    mask[order[: int(round(sparsity * flat.size))]] = False
+    return mask.reshape(gates.shape)
+
+
+def test_floor_keeps_each_layers_best_head_at_the_same_sparsity():
+    np.testing.assert_array_equal(
+        sparsify_attention_heads(FLOOR_GATES, sparsity=0.5)[0], [[True, True], [False, False], [True, False]]
+    )
+    mask, actual = sparsify_attention_heads(FLOOR_GATES, sparsity=0.5, min_retrieval_per_layer=1)
+    # layer 1 keeps 0.2; the next lowest gate outside the floor (0.8 in layer 0) goes streaming instead
+    np.testing.assert_array_equal(mask, [[True, False], [False, True], [True, False]])
+    assert actual == 0.5
+    mask, actual = sparsify_attention_heads(FLOOR_GATES, sparsity=1 / 3, min_retrieval_per_layer=1)
+    np.testing.assert_array_equal(mask, [[True, True], [False, True], [True, False]])  # the floor is not needed
+    assert actual == pytest.approx(1 / 3)
+    mask, _ = sparsify_attention_heads(FLOOR_GATES, sparsity=0.0, min_retrieval_per_layer=2)
+    assert mask.all()
+
+
+def test_floor_with_a_threshold_adds_each_layers_best_heads():
+    np.testing.assert_array_equal(
+        sparsify_attention_heads(FLOOR_GATES, threshold=0.5)[0], [[True, True], [False, False], [False, False]]
+    )
+    mask, actual = sparsify_attention_heads(FLOOR_GATES, threshold=0.5, min_retrieval_per_layer=1)
+    np.testing.assert_array_equal(mask, [[True, True], [False, True], [True, False]])
+    assert actual == pytest.approx(1 / 3)
+    mask, _ = sparsify_attention_heads(FLOOR_GATES, threshold=0.5, min_retrieval_per_layer=2)
+    assert mask.all()
+
+
+def test_floor_ties_are_broken_by_head_order():
+    """Among equal gates the earlier head goes streaming first, so each layer keeps its later one."""
+    gates = np.full((2, 2), 0.5)
+    np.testing.assert_array_equal(sparsify_attention_heads(gates, sparsity=0.5)[0], [[False, False], [True, True]])
+    mask, _ = sparsify_attention_heads(gates, sparsity=0.5, min_retrieval_per_layer=1)
+    np.testing.assert_array_equal(mask, [[False, True], [False, True]])
+    mask, _ = sparsify_attention_heads(gates, threshold=0.6, min_retrieval_per_layer=1)
+    np.testing.assert_array_equal(mask, [[False, True], [False, True]])
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("shape", [(24, 2), (6, 4), (1, 3)])
+def test_floor_zero_is_the_global_ranking(seed, shape):
+    rng = np.random.default_rng(seed)
+    gates = np.round(rng.random(shape), 1)  # rounded: many ties
+    for sparsity in (0.0, 0.25, 0.5, 0.77, 1.0):
+        old = _old_sparsify(gates, sparsity)
+        np.testing.assert_array_equal(sparsify_attention_heads(gates, sparsity=sparsity)[0], old)
+        np.testing.assert_array_equal(sparsify_attention_heads(gates, sparsity=sparsity, min_retrieval_per_layer=0)[0],
+                                      old)  # fmt: skip
+    np.testing.assert_array_equal(sparsify_attention_heads(gates, threshold=0.5, min_retrieval_per_layer=0)[0],
+                                  gates >= 0.5)  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("shape, floor", [((24, 2), 1), ((6, 4), 1), ((6, 4), 3), ((5, 3), 2)])
+def test_floor_holds_in_every_layer_and_sparsity_is_unchanged(seed, shape, floor):
+    rng = np.random.default_rng(seed)
+    gates = np.round(rng.random(shape), 1)
+    layers, heads = shape
+    kept = np.zeros(shape, dtype=bool)  # each layer's best `floor` heads; of equal gates, the later head
+    for layer, row in enumerate(gates):
+        kept[layer, np.lexsort((np.arange(heads), row))[heads - floor :]] = True
+    for sparsity in np.linspace(0, 1, 11):
+        n_streaming = int(round(sparsity * gates.size))
+        if n_streaming > gates.size - layers * floor:
+            with pytest.raises(PatternError, match="leaving at most"):
+                sparsify_attention_heads(gates, sparsity=sparsity, min_retrieval_per_layer=floor)
+            continue
+        mask, actual = sparsify_attention_heads(gates, sparsity=sparsity, min_retrieval_per_layer=floor)
+        assert (mask.sum(axis=1) >= floor).all()
+        assert (~mask).sum() == n_streaming and actual == pytest.approx(n_streaming / gates.size)
+        assert mask[kept].all()
+        if (~mask).any() and (mask & ~kept).any():
+            assert gates[~mask].max() <= gates[mask & ~kept].min()  # the lowest of the other heads went streaming
+
+
+def test_an_impossible_floor_is_refused_and_changes_nothing():
+    gates = FLOOR_GATES.copy()
+    with pytest.raises(PatternError, match=r"sparsity 0\.6 makes 4 of 6 .* min_retrieval_per_layer=1 keeps 1 of 2 "
+                                           r"heads in each of 3 layers, leaving at most 3 streaming heads"):
+        sparsify_attention_heads(gates, sparsity=0.6, min_retrieval_per_layer=1)
+    with pytest.raises(PatternError, match="makes 1 of 6 .* leaving at most 0"):
+        sparsify_attention_heads(gates, sparsity=0.1, min_retrieval_per_layer=2)
+    np.testing.assert_array_equal(gates, FLOOR_GATES)
+
+
+@pytest.mark.parametrize(
+    "floor, message",
+    [
+        (-1, "must be >= 0, got -1"),
+        (3, "min_retrieval_per_layer=3 is more than the pattern's 2 KV heads per layer"),
+        (1.0, "must be an integer, got float 1.0"),
+        (True, "must be an integer, got bool True"),
+        ("1", "must be an integer, got str '1'"),
+        (None, "must be an integer, got NoneType None"),
+    ],
+)
+def test_bad_floors_are_refused(floor, message):
+    for kwargs in ({"sparsity": 0.5}, {"threshold": 0.5}):
+        with pytest.raises(PatternError, match=message):
+            sparsify_attention_heads(FLOOR_GATES, **kwargs, min_retrieval_per_layer=floor)
+
+
+def test_a_numpy_integer_floor_is_accepted():
+    mask, _ = sparsify_attention_heads(FLOOR_GATES, sparsity=0.5, min_retrieval_per_layer=np.int64(1))
+    assert (mask.sum(axis=1) == 1).all()
+
+
+def test_a_mask_below_the_floor_is_refused():
+    check_retrieval_floor(np.array([[1, 0], [0, 1]]), 1)
+    check_retrieval_floor(np.zeros((2, 2)), 0)
+    with pytest.raises(PatternError, match=r"fewer than min_retrieval_per_layer=1 retrieval heads in layer\(s\) 1, 2"):
+        check_retrieval_floor(np.array([[1, 0], [0, 0], [0, 0]]), 1)
+    with pytest.raises(PatternError, match="more than the pattern's 2 KV heads"):
+        check_retrieval_floor(np.ones((2, 2)), 3)
+
+
 def test_pattern_must_fit_the_model():
     check_pattern_fits(np.ones((30, 3)), 30, 3)
     with pytest.raises(PatternError, match="32 layers but the model has 30"):
@@ -166,3 +294,5 @@ def test_shipped_qwen_patterns_fit_the_model(name):
     check_pattern_fits(gates, 24, 2)
     mask, _ = sparsify_attention_heads(gates, sparsity=0.5)
     assert int(mask.sum()) == 24
+    floored, _ = sparsify_attention_heads(gates, sparsity=0.5, min_retrieval_per_layer=1)
+    assert int(floored.sum()) == 24 and (floored.sum(axis=1) == 1).all()  # without the floor some layers keep none

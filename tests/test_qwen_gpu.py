@@ -11,6 +11,7 @@ import pytest
 from helpers import byte_level_tokenizer, requires_smollm2
 
 from duo_attn import qwen_gpu
+from duo_attn.eval import niah, passkey_grid, synthetic
 from duo_attn.learn.haystack import load_haystack
 from duo_attn.learn.train import TrainConfig, train
 from duo_attn.models import tiny_model
@@ -79,6 +80,19 @@ def test_eval_runs_only_the_method_kinds_asked_for(tmp_path: Path):
     scores = json.loads((work / "eval" / "synthetic" / "results.json").read_text())["scores"]
     assert list(scores) == ["random@0.75", "random@0.50", "streaming"]  # named by sparsity
     assert all(by_length for by_task in scores.values() for by_length in by_task.values())
+
+
+def test_eval_forwards_the_floor_to_every_suite():
+    args = qwen_gpu._build_parser().parse_args(["eval", "--out", "o", "--min-retrieval-per-layer", "1"])
+    args.pattern, args.baseline_pattern = Path("learned"), Path("score")
+    default = qwen_gpu._build_parser().parse_args(["eval", "--out", "o"])
+    default.pattern, default.baseline_pattern = args.pattern, args.baseline_pattern
+    for suite, module in (("niah", niah), ("grid", passkey_grid), ("synthetic", synthetic)):
+        argv = qwen_gpu._suite_argv(args, suite, Path("out"), 1.0)
+        assert argv[argv.index("--min-retrieval-per-layer") + 1] == "1"
+        assert module._build_parser().parse_args(argv).min_retrieval_per_layer == 1  # each suite takes the flag
+        argv = qwen_gpu._suite_argv(default, suite, Path("out"), 1.0)
+        assert module._build_parser().parse_args(argv).min_retrieval_per_layer == 0
 
 
 def test_eval_without_a_pattern_says_which_command_comes_first(tmp_path: Path, capsys):

@@ -286,6 +286,7 @@ class Method:
     recent_size: int
     source: str | None = None  # the pattern directory, or the random seed, the mask came from
     kv_quant: str | None = None  # e.g. "int4" (enable_duo_attention_eval's kv_quant)
+    min_retrieval_per_layer: int = 0  # the floor the mask was sparsified with (sparsify_attention_heads)
 
     @property
     def retrieval_fraction(self) -> float:
@@ -322,6 +323,7 @@ class Method:
             "recent_size": None if mask is None else self.recent_size,
             "retrieval_mask": None if mask is None else mask.astype(int).tolist(),
             "kv_quant": self.kv_quant,
+            "min_retrieval_per_layer": self.min_retrieval_per_layer,
         }
 
 
@@ -347,11 +349,16 @@ def build_methods(
     baseline_pattern: str | Path | None = None,
     seed: int = 0,
     kv_quants: Sequence[str | None] = (None,),
+    min_retrieval_per_layer: int = 0,
 ) -> list[Method]:
     """Methods in the order of ``kinds``: ``full``; ``streaming`` (every head streaming); and, at each sparsity and
     each of ``kv_quants``, ``duo`` (``pattern``'s gates), ``baseline`` (``baseline_pattern``'s gates) and ``random``
     (seeded random gates, so masks at different sparsities are nested). Full and streaming-only have no retrieval
-    cache to quantize, so they come once."""
+    cache to quantize, so they come once.
+
+    ``min_retrieval_per_layer``: the gate methods keep at least that many retrieval heads in every layer
+    (`sparsify_attention_heads`); a nonzero floor is named in the method, ``duo@0.50-floor1`` (a suffix that
+    stays as it is in the heatmaps' file names), before any ``+int4``."""
     shape = (config.num_hidden_layers, config.num_key_value_heads)
     gate_sources: dict[str, tuple[np.ndarray, str]] = {}
     for kind, path in (("duo", pattern), ("baseline", baseline_pattern)):
@@ -360,6 +367,8 @@ def build_methods(
                 raise PatternError(f"method {kind!r} needs a pattern directory")
             gate_sources[kind] = (load_attn_pattern(path)[0], str(path))
     gate_sources["random"] = (np.random.default_rng(seed).random(shape), f"seed {seed}")
+    floor = min_retrieval_per_layer
+    suffix = f"-floor{floor}" if floor else ""
     methods: list[Method] = []
     for kind in kinds:
         if kind == "full":
@@ -373,10 +382,10 @@ def build_methods(
             if gates.shape != shape:
                 raise PatternError(f"{source}: pattern has shape {gates.shape}, the model needs {shape}")
             for sparsity in sparsities:
-                mask, _ = sparsify_attention_heads(gates, sparsity=sparsity)  # named by the sparsity asked for
-                for kv in kv_quants:
-                    name = f"{kind}@{sparsity:.2f}" + (f"+{kv}" if kv else "")
-                    methods.append(Method(name, kind, mask, sink_size, recent_size, source, kv))
+                mask, _ = sparsify_attention_heads(gates, sparsity=sparsity, min_retrieval_per_layer=floor)
+                for kv in kv_quants:  # named by the sparsity asked for
+                    name = f"{kind}@{sparsity:.2f}" + suffix + (f"+{kv}" if kv else "")
+                    methods.append(Method(name, kind, mask, sink_size, recent_size, source, kv, floor))
         else:
             raise ValueError(f"unknown method {kind!r}; expected one of {METHOD_KINDS}")
     return methods

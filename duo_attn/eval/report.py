@@ -164,6 +164,25 @@ def kv_quant_arg(text: str) -> str | None:
     return text
 
 
+FLOOR_HELP = (
+    "keep at least N retrieval heads in every layer when the duo, baseline and random gates are sparsified (the "
+    "layer's highest gates; 0: rank all heads globally, which can leave a layer none); a nonzero N is named in the "
+    "method, e.g. duo@0.50-floor1"
+)
+
+
+def floor_arg(text: str) -> int:
+    """``--min-retrieval-per-layer`` values: a non-negative integer, checked as the flags are parsed (before any
+    model is loaded; the model's KV heads per layer bound it once it is)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[int], depths: Sequence[float]) -> None:
     """Flags the NIAH and passkey-grid command lines share."""
     parser.add_argument("--model", default=SMOLLM2, help=MODEL_HELP)
@@ -181,6 +200,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[
                         help="how duo methods store their retrieval heads' cache: none (the model dtype), int8, int4 "
                         "or fp8 (e.g. 'none int8 int4': one row per value and method); KV bytes include the "
                         "scales and zeros")  # fmt: skip
+    parser.add_argument("--min-retrieval-per-layer", type=floor_arg, default=0, metavar="N", help=FLOOR_HELP)
     parser.add_argument("--time-limit-minutes", type=float,
                         help="stop starting cells after this long (loading included) and report what was scored; "
                              "contexts run in the order given, every method at one before the next")  # fmt: skip
@@ -225,6 +245,7 @@ def run_and_report(
     methods = build_methods(
         model.config, kinds, sparsities=sparsities, sink_size=sink, recent_size=recent, pattern=pattern,
         baseline_pattern=baseline_pattern, seed=args.seed, kv_quants=args.kv_quant,
+        min_retrieval_per_layer=args.min_retrieval_per_layer,
     )  # fmt: skip
     cells = make_cells(tokenizer, haystack_ids)
     limit = args.time_limit_minutes

@@ -42,6 +42,7 @@ from .harness import (
     has_chat_template,
     window_sizes,
 )
+from .report import FLOOR_HELP, floor_arg
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
 
@@ -393,6 +394,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline-pattern", help="a second pattern, e.g. training-free scores (method 'baseline')")
     parser.add_argument("--sparsities", type=float, nargs="*", default=[0.25, 0.5, 0.75],
                         help="fractions of KV heads made streaming, one 'duo' / 'baseline' / 'random' method each")
+    parser.add_argument("--min-retrieval-per-layer", type=floor_arg, default=0, metavar="N", help=FLOOR_HELP)
     parser.add_argument("--methods", nargs="*", default=None, choices=list(METHOD_KINDS),
                         help="default: full duo streaming with --pattern, else full streaming")  # fmt: skip
     parser.add_argument("--sink", type=int, default=None, help="streaming sink size (default: the pattern's, else 64)")
@@ -452,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sink, recent = window_sizes(args.pattern or args.baseline_pattern, args.sink, args.recent)
     methods = build_methods(
         model.config, kinds, sparsities=args.sparsities, sink_size=sink, recent_size=recent, pattern=args.pattern,
-        baseline_pattern=args.baseline_pattern, seed=args.seed,
+        baseline_pattern=args.baseline_pattern, seed=args.seed, min_retrieval_per_layer=args.min_retrieval_per_layer,
     )  # fmt: skip
     haystack = load_haystack(None)
     results: dict[str, dict[str, dict[int, float]]] = {m.name: {task: {} for task in args.tasks} for m in methods}
