@@ -5,9 +5,10 @@ arrives as carried pieces, so ``prepare`` joins and verifies them, converts the 
 (``$DUO_ATTN_CACHE``, which ``scripts/qwen_gpu.sh`` points at /tmp for the commands of one session) and checks that
 the model answers on the GPU. ``train`` computes the training-free head scores, times real training steps at the
 shortest, middle and longest context, picks the step count that fits the budget, trains the gates and writes both
-pattern directories. ``eval`` runs the NIAH grid, the held-out passkey grid and the synthetic suite on the patterns,
-each until its share of the budget is spent (partial results are still written). Every command bundles what it
-made into a few files under ``--out`` (the GPU machine returns at most 8 files).
+pattern directories (a fixed ``--num-steps`` and ``--resume`` spread a longer run over two calls). ``eval`` runs
+the NIAH grid, the held-out passkey grid and the synthetic suite on the patterns, each until its share of the budget
+is spent (partial results are still written). Every command bundles what it made into a few files under ``--out``
+(the GPU machine returns at most 8 files).
 """
 
 from __future__ import annotations
@@ -35,15 +36,15 @@ from .eval.passkey_grid import passkey_prompt
 from .eval.report import FLOOR_HELP, floor_arg
 from .fetch_qwen import joined_gguf
 from .gguf_parts import QWEN25_CODER_GGUF
-from .learn.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from .learn.checkpoint import CHECKPOINT_FILE, checkpoint_to_resume, load_checkpoint
 from .learn.data import context_length_choices
 from .learn.haystack import encode_haystack, load_haystack
 from .learn.run import HEATMAP_FILE, LoadedModel, device_description, run_provenance, save_gate_heatmap
 from .learn.scoring import ScoreConfig, score_heads
 from .bench_train import measure_step_seconds
-from .learn.train import TrainConfig, train
+from .learn.train import RUN_CONTROL, TrainConfig, train
 from .models import DTYPES, MODEL_HELP, QWEN25_CODER, export_qwen, load_model
-from .patterns import save_attn_pattern
+from .patterns import CONFIG_FILE, GATES_FILE, save_attn_pattern
 
 SINK_SIZE, RECENT_SIZE = 128, 256  # the paper's window (its published configs), for training and evaluation alike
 LEARNED, SCORE = "learned", "score"  # pattern directories: <kind>-sink<S>-recent<R>, as attn_patterns/ names them
@@ -88,8 +89,7 @@ def pattern_from_checkpoint(config: TrainConfig, loaded: LoadedModel, extra: dic
     out = config.pattern_dir()
     checkpoint = load_checkpoint(out / CHECKPOINT_FILE)
     gates = checkpoint["gates"].numpy()
-    run_control = ("output_dir", "resume", "checkpoint_every", "stop_after_steps", "max_minutes")
-    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in run_control}
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in RUN_CONTROL}
     info = {
         **settings, "method": "duo_attn.learn.train (gate distillation), stopped by its time limit",
         **run_provenance(loaded[0], loaded[2], loaded[3]), "partial": True, "completed_steps": checkpoint["step"],
@@ -154,13 +154,31 @@ def _calibrate(config: TrainConfig, lengths: list[int], loaded: LoadedModel) -> 
         return config, measure_step_seconds(config, lengths, loaded)
 
 
+def _resume_point(config: TrainConfig) -> int | None:
+    """The step a ``--resume`` continues from (None: no checkpoint yet, a fresh start). A checkpoint written with
+    other settings is refused here, before the model is loaded and the heads are scored."""
+    checkpoint = checkpoint_to_resume(config.pattern_dir() / CHECKPOINT_FILE, True, dataclasses.asdict(config),
+                                      RUN_CONTROL)  # fmt: skip
+    return None if checkpoint is None else int(checkpoint["step"])
+
+
+def _complete_pattern(directory: Path) -> bool:
+    """Whether ``score_heads`` finished writing ``directory`` (its heatmap comes last)."""
+    return all((directory / name).is_file() for name in (GATES_FILE, CONFIG_FILE, HEATMAP_FILE))
+
+
 def train_and_score(args: argparse.Namespace) -> dict[str, Any]:
     """Score heads, calibrate, train within the budget, write both patterns and a summary; bundle them. Patterns of
-    an earlier run in ``--work`` are removed first (training would refuse to overwrite a checkpoint)."""
+    an earlier run in ``--work`` are removed first (training would refuse to overwrite a checkpoint).
+
+    ``--resume`` (with the ``--num-steps`` of the first call) keeps them instead: the scores, when complete, are not
+    computed again, and the learned run continues from its checkpoint with the same settings, so that the steps,
+    learning-rate schedule and samples are those of one uninterrupted run; it stops at the budget again."""
     started = time.perf_counter()
     deadline = started + 60.0 * args.budget_minutes - _WRAP_UP_S
     patterns = Path(args.work) / "patterns"
-    shutil.rmtree(patterns, ignore_errors=True)
+    if not args.resume:
+        shutil.rmtree(patterns, ignore_errors=True)
     suffix = f"-sink{args.sink_size}-recent{args.recent_size}"
     window = {"sink_size": args.sink_size, "recent_size": args.recent_size}
     data = {"context_length_min": args.context_length_min, "context_length_max": args.context_length_max,
@@ -168,13 +186,16 @@ def train_and_score(args: argparse.Namespace) -> dict[str, Any]:
     common = {"model": args.model, "device": args.device, "dtype": args.dtype, **window, **data}
     config = TrainConfig(**common, output_dir=str(patterns / (LEARNED + suffix)), lr=args.lr,
                          reg_weight=args.reg_weight, activation_checkpointing=args.activation_checkpointing,
-                         num_steps=args.max_steps)  # fmt: skip
+                         num_steps=args.max_steps if args.num_steps is None else args.num_steps,
+                         resume=args.resume)  # fmt: skip
     config.check()
+    resumed_from = _resume_point(config) if args.resume else None
     loaded = config.load_model()
     loaded_at = time.perf_counter()
 
-    score_dir = score_heads(ScoreConfig(**common, output_dir=str(patterns / (SCORE + suffix)),
-                                        num_samples=args.score_samples), loaded)  # fmt: skip
+    score_config = ScoreConfig(**common, output_dir=str(patterns / (SCORE + suffix)), num_samples=args.score_samples)
+    scores_kept = args.resume and _complete_pattern(score_config.pattern_dir())
+    score_dir = score_config.pattern_dir() if scores_kept else score_heads(score_config, loaded)
     scored_at = time.perf_counter()
 
     lengths = context_length_choices(args.context_length_min, args.context_length_max, args.context_length_intervals)
@@ -190,7 +211,8 @@ def train_and_score(args: argparse.Namespace) -> dict[str, Any]:
     config = dataclasses.replace(config, num_steps=num_steps, checkpoint_every=max(1, num_steps // 4),
                                  max_minutes=max(0.1, (deadline - time.perf_counter()) / 60.0))  # fmt: skip
     summary = {
-        "load_s": round(loaded_at - started, 1), "score_s": round(scored_at - loaded_at, 1),
+        "load_s": round(loaded_at - started, 1), "score_s": round(scored_at - loaded_at, 1), "scores_kept": scores_kept,
+        "resumed_from_step": resumed_from,
         "calibration_s": round(calibrated_at - scored_at, 1),
         "measured_step_s": {str(k): round(v, 3) for k, v in measured.items()},
         "expected_step_s": round(step_s, 3), "num_steps_planned": num_steps,
@@ -329,6 +351,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="recompute activations (needed only if the longest context does not fit; tried "
                          "automatically after an out-of-memory error in the calibration)")  # fmt: skip
     tr.add_argument("--score-samples", type=int, default=16, help="passkey samples for the training-free scores")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue the learned run in WORK from its checkpoint (same --num-steps and settings as the "
+                         "first call) and keep its scores, instead of starting afresh")  # fmt: skip
 
     ev = commands.add_parser("eval", parents=[shared], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                              help="NIAH, held-out passkey grid and synthetic suite on the patterns")
@@ -369,6 +394,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.command == "prepare":
         return prepare(args)
     if args.command == "train":
+        if args.resume and args.num_steps is None:
+            parser.error("--resume needs --num-steps, the first call's: a calibrated step count would change "
+                         "between calls, and with it the learning-rate schedule and the samples")  # fmt: skip
         return train_and_score(args)
     patterns = Path(args.work) / "patterns"
     for attr, kind in (("pattern", LEARNED), ("baseline_pattern", SCORE)):

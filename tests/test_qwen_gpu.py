@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
 from pathlib import Path
@@ -12,6 +13,7 @@ from helpers import byte_level_tokenizer, requires_smollm2
 
 from duo_attn import qwen_gpu
 from duo_attn.eval import niah, passkey_grid, synthetic
+from duo_attn.learn.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from duo_attn.learn.haystack import load_haystack
 from duo_attn.learn.train import TrainConfig, train
 from duo_attn.models import tiny_model
@@ -131,3 +133,55 @@ def test_a_run_stopped_by_its_time_limit_still_leaves_a_pattern(tmp_path: Path):
     info = json.loads((out / "config.json").read_text())
     assert info["partial"] and info["completed_steps"] == 2 and info["num_steps"] == 4 and info["note"] == "kept"
     assert PATTERN_FILES <= {p.name for p in out.iterdir()}
+
+
+TRAIN_FLAGS = [
+    "train", "--model", "tiny-qwen2", "--device", "cpu", "--dtype", "float32", "--sink-size", "16", "--recent-size",
+    "32", "--context-length-min", "200", "--context-length-max", "240", "--context-length-intervals", "2",
+    "--num-passkeys", "2", "--score-samples", "2", "--budget-minutes", "3",
+]  # fmt: skip
+
+
+@requires_smollm2
+def test_train_resumed_after_its_time_limit_ends_as_an_uninterrupted_run(tmp_path: Path, monkeypatch):
+    """10 steps (warm-up 1, a checkpoint every 2): the first call's time limit stops it after step 1, between two
+    checkpoints; the second call, with --resume, goes on to step 10 and must land on the gates of one run."""
+    flags = [*TRAIN_FLAGS, "--num-steps", "10"]
+    whole = qwen_gpu.main([*flags, "--out", str(tmp_path / "out-whole"), "--work", str(tmp_path / "whole")])
+    assert whole["completed_steps"] == 10 and not whole["partial"] and whole["resumed_from_step"] is None
+
+    work = tmp_path / "split"
+    real_train = qwen_gpu.train
+    with monkeypatch.context() as patch:  # the budget runs out at once: the limit stops the run after one step
+        patch.setattr(qwen_gpu, "train", lambda config, loaded: real_train(
+            dataclasses.replace(config, max_minutes=0.0), loaded))  # fmt: skip
+        first = qwen_gpu.main([*flags, "--out", str(tmp_path / "out-1"), "--work", str(work)])
+    assert first["completed_steps"] == 1 and first["partial"]
+    learned, score = work / "patterns" / "learned-sink16-recent32", work / "patterns" / "score-sink16-recent32"
+    assert load_checkpoint(learned / CHECKPOINT_FILE)["step"] == 1  # written by the stop, not by checkpoint_every
+    scores = (score / "config.json").read_text()
+
+    with pytest.raises(ValueError, match="num_steps: checkpoint 10 vs now 12"):  # before anything is loaded
+        qwen_gpu.main([*TRAIN_FLAGS, "--num-steps", "12", "--resume", "--out", str(tmp_path / "x"),
+                       "--work", str(work)])  # fmt: skip
+
+    second = qwen_gpu.main([*flags, "--resume", "--out", str(tmp_path / "out-2"), "--work", str(work)])
+    assert second["completed_steps"] == 10 and not second["partial"]
+    assert second["resumed_from_step"] == 1 and second["scores_kept"] and not whole["scores_kept"]
+    assert (score / "config.json").read_text() == scores  # not scored again
+    resumed = load_attn_pattern(learned)[0]
+    np.testing.assert_array_equal(resumed, load_attn_pattern(tmp_path / "whole" / "patterns" / learned.name)[0])
+    assert not np.all(resumed == 1.0)  # the gates moved: the comparison is not vacuous
+    logs = [[json.loads(line) for line in (root / "patterns" / learned.name / "train_log.jsonl").open()]
+            for root in (work, tmp_path / "whole")]  # fmt: skip
+    assert [r["step"] for r in logs[0]] == list(range(1, 11))
+    for split, one in zip(*logs):  # the same samples and learning rates, step by step
+        assert (split["lr"], split["tokens"], split["loss"]) == (one["lr"], one["tokens"], one["loss"])
+    assert f"patterns/{learned.name}/full_attention_heads.tsv" in _members(tmp_path / "out-2" / "patterns.tar.gz")
+
+
+def test_resume_needs_the_step_count(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit):
+        qwen_gpu.main([*TRAIN_FLAGS, "--resume", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert "--resume needs --num-steps" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -49,7 +49,7 @@ from .run import (
 TRAIN_ATTENTION = "duo_attn_train"
 LOG_FILE = "train_log.jsonl"
 # Settings that only steer a run (where it writes, when it stops); everything else must match on --resume.
-_RUN_CONTROL = ("output_dir", "resume", "checkpoint_every", "stop_after_steps", "max_minutes")
+RUN_CONTROL = ("output_dir", "resume", "checkpoint_every", "stop_after_steps", "max_minutes")
 
 
 # ----------------------------------------------------------------------------- mixed attention
@@ -303,7 +303,7 @@ def _train(config: TrainConfig, loaded: LoadedModel | None, ranks: DataParallel)
         )
     out = config.pattern_dir()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = checkpoint_to_resume(out / CHECKPOINT_FILE, config.resume, dataclasses.asdict(config), _RUN_CONTROL)
+    checkpoint = checkpoint_to_resume(out / CHECKPOINT_FILE, config.resume, dataclasses.asdict(config), RUN_CONTROL)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -393,7 +393,7 @@ def _write_outputs(
 ) -> Path:
     """Pattern directory (gates + config.json with every setting and ``run_info``), heatmap, per-step log."""
     settings = dataclasses.asdict(config)
-    for key in _RUN_CONTROL:
+    for key in RUN_CONTROL:
         settings.pop(key)
     tail = history[-max(1, len(history) // 10) :]
     info = {
