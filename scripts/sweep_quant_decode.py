@@ -27,6 +27,8 @@ FOLDED = [
     {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "splits_per_sm": 8},
     {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "splits_per_sm": 8},
     {"BLOCK_N": 64, "num_warps": 4, "num_stages": 4, "splits_per_sm": 2},
+    {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "packed": False},  # int4 nibbles converted arithmetically
+    {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3, "packed": False},
 ]  # fmt: skip
 DEQUANTIZING = [{"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}]
 

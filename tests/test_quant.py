@@ -176,6 +176,7 @@ def _dense_float64(query, key, value, spec, valid, scale):
 
 
 needs_triton = pytest.mark.skipif(quant_decode.triton_quant_decode_attention is None, reason="Triton is not installed")
+on_gpu = pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 and the packed int4 conversion (PTX) need a GPU")
 
 
 @needs_triton
@@ -196,6 +197,8 @@ needs_triton = pytest.mark.skipif(quant_decode.triton_quant_decode_attention is 
         ("int4", 16, 1, 1, 2, 40, 16, 33, True, torch.float32),  # 8 code bytes per token: too few to fold
         ("int8", 32, 2, 2, 4, 200, 128, 131, True, torch.float16),  # half queries over int8 codes
         ("int8", 16, 1, 1, 7, 70, 64, 70, False, torch.float16),
+        pytest.param("int4", 32, 1, 2, 4, 300, 128, 290, True, torch.bfloat16, marks=on_gpu),  # the packed path
+        pytest.param("int4", 32, 2, 1, 4, 64, 128, 64, False, torch.bfloat16, marks=on_gpu),  # full blocks only
     ],
 )
 @pytest.mark.parametrize("folded", [True, False], ids=["folded", "dequantizing"])
@@ -228,12 +231,34 @@ def test_quant_decode_kernel_matches_float64_attention(
     out = quant_decode.triton_quant_decode_attention(query, key, value, spec, length_t, key_pos, scale, wide[:, 1:-1])
     assert out.data_ptr() == wide[:, 1:-1].data_ptr() and wide[:, [0, -1]].isnan().all()  # wrote into the view
     # half queries: p is rounded to half for the value dot, and values of magnitude ~9 (3x randn) amplify that
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=2e-3)
+    tol = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=2e-3),
+           torch.bfloat16: dict(atol=3e-2, rtol=1.6e-2)}[dtype]  # bf16: 8 bits where fp16 has 11
     torch.testing.assert_close(out.double(), expected, **tol)
     reference = reference_quant_decode_attention(query, key, value, spec, length_t, key_pos, scale)
     torch.testing.assert_close(reference.double(), expected, **tol)
     dispatched = quant_decode_attention(query, key, value, spec, length_t, key_pos, None)
     torch.testing.assert_close(dispatched.double(), expected, **tol)
+
+
+@needs_triton
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [1000, 1024 + 17])
+def test_packed_nibble_conversion_equals_the_arithmetic_one(dtype, length, monkeypatch):
+    """The packed bit-operation conversion of int4 codes is exact, so the kernel's output is bitwise the same as
+    with the arithmetic conversion (same dots, same order)."""
+    from duo_attn.kernels import triton_quant_decode
+
+    spec = KVQuantSpec("int4", 32)
+    gen = torch.Generator().manual_seed(length)
+    query = torch.randn(1, 16, 1, 128, generator=gen).to(DEVICE, dtype)
+    key, value = (quantize(torch.randn(1, 4, length, 128, generator=gen).to(DEVICE), spec) for _ in range(2))
+    length_t = torch.tensor([length], dtype=torch.int32, device=DEVICE)
+    outs = []
+    for packed in (True, False):
+        monkeypatch.setitem(triton_quant_decode.LAUNCH, "packed", packed)
+        outs.append(quant_decode.triton_quant_decode_attention(query, key, value, spec, length_t, None, 128**-0.5))
+    assert torch.equal(outs[0], outs[1])
 
 
 def _op_args(query, key, value, spec, length, key_pos, scale, out):
