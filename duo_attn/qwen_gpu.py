@@ -257,6 +257,8 @@ def _suite_argv(args: argparse.Namespace, suite: str, out: Path, minutes: float)
               str(args.chunk_size), "--output-dir", str(out), "--time-limit-minutes", f"{minutes:.3f}"]  # fmt: skip
     patterns = ["--pattern", str(args.pattern), "--baseline-pattern", str(args.baseline_pattern)]
     kinds = ["--methods", *args.methods, "--min-retrieval-per-layer", str(args.min_retrieval_per_layer)]
+    kinds += [arg for flag, value in (("--sink", args.sink), ("--recent", args.recent)) if value is not None
+              for arg in (flag, str(value))]  # fmt: skip
     if suite == "niah":
         return [*common, *patterns, *kinds, "--sparsities", *sparsities,
                 "--contexts", *map(str, args.niah_contexts), "--depths", *map(str, args.niah_depths)]  # fmt: skip
@@ -366,6 +368,10 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="method kinds of every suite (a long suite can be split over calls by kind)")  # fmt: skip
     ev.add_argument("--min-retrieval-per-layer", type=floor_arg, default=0, metavar="N",
                     help=f"every suite's floor: {FLOOR_HELP}")  # fmt: skip
+    ev.add_argument("--sink", type=int, help="streaming heads' sink for every suite (default: each pattern's own)")
+    ev.add_argument("--recent", type=int,
+                    help="streaming heads' recent window for every suite (default: each pattern's own); the gates "
+                         "and the head selection stay the pattern's")  # fmt: skip
     ev.add_argument("--suites", nargs="+", choices=SUITES, default=list(SUITES), help="run in this order")
     ev.add_argument("--shares", type=float, nargs=3, default=[0.42, 0.26, 0.32],
                     help="budget shares of niah, grid, synthetic")  # fmt: skip

@@ -97,6 +97,18 @@ def test_eval_forwards_the_floor_to_every_suite():
         assert module._build_parser().parse_args(argv).min_retrieval_per_layer == 0
 
 
+def test_eval_forwards_a_window_override_to_every_suite_and_none_by_default():
+    args = qwen_gpu._build_parser().parse_args(["eval", "--out", "o", "--recent", "1024"])
+    args.pattern, args.baseline_pattern = Path("learned"), Path("score")
+    default = qwen_gpu._build_parser().parse_args(["eval", "--out", "o"])
+    default.pattern, default.baseline_pattern = args.pattern, args.baseline_pattern
+    for suite, module in (("niah", niah), ("grid", passkey_grid), ("synthetic", synthetic)):
+        parsed = module._build_parser().parse_args(qwen_gpu._suite_argv(args, suite, Path("out"), 1.0))
+        assert (parsed.recent, parsed.sink) == (1024, None)  # only what was given; the sink stays the pattern's
+        parsed = module._build_parser().parse_args(qwen_gpu._suite_argv(default, suite, Path("out"), 1.0))
+        assert (parsed.recent, parsed.sink) == (None, None)
+
+
 def test_eval_without_a_pattern_says_which_command_comes_first(tmp_path: Path, capsys):
     with pytest.raises(SystemExit):
         qwen_gpu.main(["eval", "--out", str(tmp_path), "--work", str(tmp_path / "empty")])
