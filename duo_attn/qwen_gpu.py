@@ -257,8 +257,9 @@ def _suite_argv(args: argparse.Namespace, suite: str, out: Path, minutes: float)
               str(args.chunk_size), "--output-dir", str(out), "--time-limit-minutes", f"{minutes:.3f}"]  # fmt: skip
     patterns = ["--pattern", str(args.pattern), "--baseline-pattern", str(args.baseline_pattern)]
     kinds = ["--methods", *args.methods, "--min-retrieval-per-layer", str(args.min_retrieval_per_layer)]
-    kinds += [arg for flag, value in (("--sink", args.sink), ("--recent", args.recent)) if value is not None
-              for arg in (flag, str(value))]  # fmt: skip
+    for flag, value in (("--sink", args.sink), ("--recent", args.recent)):  # only overrides given: else the pattern's
+        if value is not None:
+            kinds += [flag, str(value)]
     if suite == "niah":
         return [*common, *patterns, *kinds, "--sparsities", *sparsities,
                 "--contexts", *map(str, args.niah_contexts), "--depths", *map(str, args.niah_depths)]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import tarfile
@@ -84,11 +85,15 @@ def test_eval_runs_only_the_method_kinds_asked_for(tmp_path: Path):
     assert all(by_length for by_task in scores.values() for by_length in by_task.values())
 
 
-def test_eval_forwards_the_floor_to_every_suite():
-    args = qwen_gpu._build_parser().parse_args(["eval", "--out", "o", "--min-retrieval-per-layer", "1"])
+def _eval_args(*flags: str) -> argparse.Namespace:
+    """The eval command's arguments as `evaluate` hands them to `_suite_argv` (patterns resolved)."""
+    args = qwen_gpu._build_parser().parse_args(["eval", "--out", "o", *flags])
     args.pattern, args.baseline_pattern = Path("learned"), Path("score")
-    default = qwen_gpu._build_parser().parse_args(["eval", "--out", "o"])
-    default.pattern, default.baseline_pattern = args.pattern, args.baseline_pattern
+    return args
+
+
+def test_eval_forwards_the_floor_to_every_suite():
+    args, default = _eval_args("--min-retrieval-per-layer", "1"), _eval_args()
     for suite, module in (("niah", niah), ("grid", passkey_grid), ("synthetic", synthetic)):
         argv = qwen_gpu._suite_argv(args, suite, Path("out"), 1.0)
         assert argv[argv.index("--min-retrieval-per-layer") + 1] == "1"
@@ -98,10 +103,7 @@ def test_eval_forwards_the_floor_to_every_suite():
 
 
 def test_eval_forwards_a_window_override_to_every_suite_and_none_by_default():
-    args = qwen_gpu._build_parser().parse_args(["eval", "--out", "o", "--recent", "1024"])
-    args.pattern, args.baseline_pattern = Path("learned"), Path("score")
-    default = qwen_gpu._build_parser().parse_args(["eval", "--out", "o"])
-    default.pattern, default.baseline_pattern = args.pattern, args.baseline_pattern
+    args, default = _eval_args("--recent", "1024"), _eval_args()
     for suite, module in (("niah", niah), ("grid", passkey_grid), ("synthetic", synthetic)):
         parsed = module._build_parser().parse_args(qwen_gpu._suite_argv(args, suite, Path("out"), 1.0))
         assert (parsed.recent, parsed.sink) == (1024, None)  # only what was given; the sink stays the pattern's
