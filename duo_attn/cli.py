@@ -12,6 +12,7 @@ COMMANDS = {
     "niah": ("duo_attn.eval.niah", "needle-in-a-haystack grid"),
     "passkey-grid": ("duo_attn.eval.passkey_grid", "held-out multi-method passkey grid"),
     "synthetic": ("duo_attn.eval.synthetic", "offline RULER-style synthetic suite under several methods"),
+    "compare": ("duo_attn.eval.compare", "two methods of a synthetic run compared sample by sample (bootstrap)"),
     "longbench": ("duo_attn.eval.longbench", "LongBench predict + score with the official metrics"),
     "bench": ("duo_attn.bench", "decode / pre-fill efficiency benchmark on a GPU"),
     "bench-train": ("duo_attn.bench_train", "gate-training step time and peak memory by context length, one GPU"),

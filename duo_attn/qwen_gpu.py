@@ -33,7 +33,7 @@ import torch
 from .eval import niah, passkey_grid, synthetic
 from .eval.harness import METHOD_KINDS, score_answer
 from .eval.passkey_grid import passkey_prompt
-from .eval.report import FLOOR_HELP, floor_arg
+from .eval.report import FLOOR_HELP, RANDOM_SEEDS_HELP, floor_arg
 from .fetch_qwen import joined_gguf
 from .gguf_parts import QWEN25_CODER_GGUF
 from .learn.checkpoint import CHECKPOINT_FILE, checkpoint_to_resume, load_checkpoint
@@ -256,7 +256,8 @@ def _suite_argv(args: argparse.Namespace, suite: str, out: Path, minutes: float)
     common = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--chunk-size",
               str(args.chunk_size), "--output-dir", str(out), "--time-limit-minutes", f"{minutes:.3f}"]  # fmt: skip
     patterns = ["--pattern", str(args.pattern), "--baseline-pattern", str(args.baseline_pattern)]
-    kinds = ["--methods", *args.methods, "--min-retrieval-per-layer", str(args.min_retrieval_per_layer)]
+    kinds = ["--methods", *args.methods, "--min-retrieval-per-layer", str(args.min_retrieval_per_layer),
+             "--random-seeds", *map(str, args.random_seeds)]  # fmt: skip
     for flag, value in (("--sink", args.sink), ("--recent", args.recent)):  # only overrides given: else the pattern's
         if value is not None:
             kinds += [flag, str(value)]
@@ -369,6 +370,7 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="method kinds of every suite (a long suite can be split over calls by kind)")  # fmt: skip
     ev.add_argument("--min-retrieval-per-layer", type=floor_arg, default=0, metavar="N",
                     help=f"every suite's floor: {FLOOR_HELP}")  # fmt: skip
+    ev.add_argument("--random-seeds", type=int, nargs="+", default=[0], help=f"every suite's {RANDOM_SEEDS_HELP}")
     ev.add_argument("--sink", type=int, help="streaming heads' sink for every suite (default: each pattern's own)")
     ev.add_argument("--recent", type=int,
                     help="streaming heads' recent window for every suite (default: each pattern's own); the gates "

@@ -19,6 +19,7 @@ from duo_attn.eval import niah, passkey_grid, synthetic
 from duo_attn.eval.harness import build_methods, key_only, kv_bytes, new_cache, prefill, run_grid, score_answer
 from duo_attn.eval.report import write_report
 from duo_attn.models import tiny_model
+from duo_attn.patterns import sparsify_attention_heads
 
 SINK, RECENT = 4, 8
 # tiny_model: 2 layers, 2 KV heads of dim 16, fp32.
@@ -121,17 +122,35 @@ def test_key_only_moves_leading_whitespace_into_the_prompt(tokenizer):
 
 
 def test_build_methods_masks(model):
-    methods = build_methods(model.config, ["full", "random", "streaming"], sparsities=[0.25, 0.5, 1.0], seed=3)
+    methods = build_methods(model.config, ["full", "random", "streaming"], sparsities=[0.25, 0.5, 1.0], random_seeds=[3])
     assert [m.name for m in methods] == ["full", "random@0.25", "random@0.50", "random@1.00", "streaming"]
     assert methods[0].retrieval_mask is None and methods[0].retrieval_fraction == 1.0
     assert [m.retrieval_mask.sum() for m in methods[1:]] == [3, 2, 0, 0]
     assert bool((methods[1].retrieval_mask >= methods[2].retrieval_mask).all())  # nested: same random gates
-    again = build_methods(model.config, ["random"], sparsities=[0.5], seed=3)[0]
+    again = build_methods(model.config, ["random"], sparsities=[0.5], random_seeds=[3])[0]
     assert np.array_equal(again.retrieval_mask, methods[2].retrieval_mask)
     with pytest.raises(ValueError, match="pattern"):
         build_methods(model.config, ["duo"], sparsities=[0.5])
     with pytest.raises(ValueError, match="unknown method"):
         build_methods(model.config, ["sparse"], sparsities=[0.5])
+
+
+def test_build_methods_one_random_draw_per_seed(model):
+    methods = build_methods(model.config, ["random"], sparsities=[0.25, 0.5], random_seeds=[3, 4], min_retrieval_per_layer=1)
+    assert [m.name for m in methods] == [
+        "random@0.25-floor1-seed3", "random@0.50-floor1-seed3", "random@0.25-floor1-seed4", "random@0.50-floor1-seed4",
+    ]  # fmt: skip
+    assert [m.source for m in methods] == ["seed 3", "seed 3", "seed 4", "seed 4"]
+    alone = build_methods(model.config, ["random"], sparsities=[0.5], random_seeds=[4], min_retrieval_per_layer=1)[0]
+    np.testing.assert_array_equal(alone.retrieval_mask, methods[3].retrieval_mask)  # a seed's draw is its own
+    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    for method, seed in zip(methods[1::2], (3, 4)):
+        gates = np.random.default_rng(seed).random(shape)
+        expected, _ = sparsify_attention_heads(gates, sparsity=0.5, min_retrieval_per_layer=1)
+        np.testing.assert_array_equal(method.retrieval_mask, expected)
+    for bad in ([], [1, 1]):
+        with pytest.raises(ValueError, match="distinct"):
+            build_methods(model.config, ["random"], sparsities=[0.5], random_seeds=bad)
 
 
 def test_build_methods_with_a_floor_name_and_record_it(model, tmp_path: Path):

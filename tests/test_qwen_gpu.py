@@ -102,6 +102,13 @@ def test_eval_forwards_the_floor_to_every_suite():
         assert module._build_parser().parse_args(argv).min_retrieval_per_layer == 0
 
 
+def test_eval_forwards_the_random_seeds_to_every_suite():
+    args, default = _eval_args("--random-seeds", "0", "5", "7"), _eval_args()
+    for suite, module in (("niah", niah), ("grid", passkey_grid), ("synthetic", synthetic)):
+        assert module._build_parser().parse_args(qwen_gpu._suite_argv(args, suite, Path("out"), 1.0)).random_seeds == [0, 5, 7]
+        assert module._build_parser().parse_args(qwen_gpu._suite_argv(default, suite, Path("out"), 1.0)).random_seeds == [0]
+
+
 def test_eval_forwards_a_window_override_to_every_suite_and_none_by_default():
     args, default = _eval_args("--recent", "1024"), _eval_args()
     for suite, module in (("niah", niah), ("grid", passkey_grid), ("synthetic", synthetic)):

@@ -10,6 +10,7 @@ from helpers import CHAT_TEMPLATE, byte_level_tokenizer, tiny_llama
 from transformers import PreTrainedTokenizerFast
 
 from duo_attn.eval import synthetic as syn
+from duo_attn.eval.synthetic import string_match_all
 
 HAYSTACK = (
     "Bees visit many flowers in one morning. Their wings beat very fast! Why do they dance? "
@@ -156,3 +157,74 @@ def test_report_of_a_run_cut_short(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "stopped the run after 1 of 4" in text and "not run (time limit)" in text
     assert "| vt | - |" in text and "| **average** | - |" in text  # no average over half the tasks
+
+
+def test_runner_records_every_sample(tokenizer):
+    model = tiny_llama(len(tokenizer))
+    records: list[dict] = []
+    results = syn.run_synthetic_suite(
+        model, tokenizer, [500], ["niah_single", "vt"], n_samples=2, max_new_tokens=3, chunk_size=128, records=records
+    )  # fmt: skip
+    assert [(r["task"], r["index"]) for r in records] == [("niah_single", 0), ("niah_single", 1), ("vt", 0), ("vt", 1)]
+    samples = syn.make_samples("vt", tokenizer, 500, 2)
+    assert [r["answers"] for r in records[2:]] == [s.answers for s in samples]
+    assert [r["prompt_tokens"] for r in records[2:]] == [len(s.input_ids) for s in samples]
+    for record in records:
+        assert record["score"] == string_match_all(record["prediction"], record["answers"]) and record["seconds"] > 0
+    for task in ("niah_single", "vt"):
+        scores = [r["score"] for r in records if r["task"] == task]
+        assert results[task][500] == round(100 * sum(scores) / 2, 2)
+
+
+def test_chunked_greedy_prefills_eagerly_and_gives_generates_tokens(tokenizer):
+    """Where generate compiles (here: forced on the CPU), its own ``prefill_chunk_size`` compiles the pre-fill and
+    traces it again for every new prompt length; the suite's decoding pre-fills eagerly into the model's cache and
+    lets generate continue it: nothing is compiled, and the tokens are those of generate's chunked pre-fill."""
+    import numpy as np
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    from duo_attn import enable_duo_attention_eval
+    from duo_attn.eval.harness import generate_greedy
+
+    model = tiny_llama(len(tokenizer))
+    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    enable_duo_attention_eval(model, np.eye(*shape), sink_size=4, recent_size=8)
+    ids = syn.make_sample("niah_single", tokenizer, 300).input_ids
+    eager = model.generate(
+        torch.tensor([ids]), max_new_tokens=6, do_sample=False, prefill_chunk_size=64, disable_compile=True,
+        pad_token_id=0, eos_token_id=[],
+    )[0, len(ids) :]  # fmt: skip
+    model.generation_config.compile_config = CompileConfig(backend="eager")
+    model.generation_config.compile_config._compile_all_devices = True
+    graphs = counters["stats"]["unique_graphs"]
+    assert generate_greedy(model, tokenizer, ids, 6, chunk_size=64) == tokenizer.decode(eager, skip_special_tokens=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def _records(scores: dict[str, list[float]]) -> list[dict]:
+    return [{"task": t, "length": 100, "index": i, "score": s} for t, values in scores.items() for i, s in enumerate(values)]
+
+
+def test_paired_difference_by_hand(tmp_path):
+    import json
+
+    from duo_attn.eval.compare import main, paired_difference
+
+    a = _records({"vt": [1.0, 1.0, 0.0, 1.0], "cwe": [0.5, 0.5, 0.5, 0.5]})
+    same = paired_difference(a, a)
+    assert (same["mean"], same["low"], same["high"], same["better"], same["worse"]) == (0.0, 0.0, 0.0, 0, 0)
+    b = _records({"vt": [0.0, 1.0, 0.0, 0.0], "cwe": [0.5, 0.0, 0.5, 0.5]})
+    result = paired_difference(a, b)
+    assert result["mean"] == pytest.approx(100 * (0.5 + 0.125) / 2)  # the mean over tasks of the mean difference
+    assert 0.0 <= result["low"] <= result["mean"] <= result["high"] <= 100 * (0.75 + 0.5) / 2
+    assert (result["better"], result["worse"], result["samples"]) == (3, 0, 8)
+    assert paired_difference(b, a)["mean"] == -result["mean"]
+    with pytest.raises(ValueError, match="same"):
+        paired_difference(a, a[:-1])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"samples": {"x": a, "y": b}}))
+    assert main([f"{path}:x", f"{path}:y", "--resamples", "200"])["mean"] == result["mean"]
+    with pytest.raises(SystemExit, match="no method 'z'"):
+        main([f"{path}:z", f"{path}:y"])

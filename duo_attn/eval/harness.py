@@ -116,10 +116,16 @@ def greedy_ids(
     stopping at `eos_ids` and ``stop_ids``; returns the new ids, the stopping one included.
 
     ``cache`` continues a pre-filled cache, which then holds every token of ``input_ids`` but the last.
-    ``min_new_tokens`` forbids stopping earlier; ``chunk_size`` pre-fills in chunks of that many tokens
-    (``prefill_chunk_size``). The rest of the model's generation config applies, as in LongBench's ``pred.py``.
+    ``min_new_tokens`` forbids stopping earlier. ``chunk_size`` (without ``cache``) first pre-fills every token but
+    the last, eagerly, in chunks of that many tokens (`prefill`) into the model's own dynamic cache (`new_cache`),
+    and ``generate`` continues it. Not ``generate``'s ``prefill_chunk_size``: on a GPU that compiles the pre-fill,
+    which traces again for every new prompt length (its last chunk's), so a suite of prompts of many lengths spent
+    most of its time compiling. The rest of the model's generation config applies, as in LongBench's ``pred.py``.
     """
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(model.device)
+    if chunk_size is not None and cache is None and ids.shape[1] > 1:
+        cache = new_cache(model)
+        prefill(model, ids[:, :-1], cache, chunk_size)
     stop = list(dict.fromkeys([*eos_ids(model, tokenizer), *stop_ids]))
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
     if min_new_tokens is not None:
@@ -128,8 +134,6 @@ def greedy_ids(
         kwargs["eos_token_id"] = stop
     if getattr(model.generation_config, "pad_token_id", None) is None:
         kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop or [0])[0]
-    if chunk_size is not None:
-        kwargs["prefill_chunk_size"] = chunk_size
     if cache is not None:
         kwargs.update(cache_kwargs(model, cache))
     output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
@@ -347,26 +351,33 @@ def build_methods(
     recent_size: int = DEFAULT_RECENT_SIZE,
     pattern: str | Path | None = None,
     baseline_pattern: str | Path | None = None,
-    seed: int = 0,
+    random_seeds: Sequence[int] = (0,),
     kv_quants: Sequence[str | None] = (None,),
     min_retrieval_per_layer: int = 0,
 ) -> list[Method]:
     """Methods in the order of ``kinds``: ``full``; ``streaming`` (every head streaming); and, at each sparsity and
     each of ``kv_quants``, ``duo`` (``pattern``'s gates), ``baseline`` (``baseline_pattern``'s gates) and ``random``
-    (seeded random gates, so masks at different sparsities are nested). Full and streaming-only have no retrieval
-    cache to quantize, so they come once.
+    (seeded random gates, so masks at different sparsities are nested; one set per seed of ``random_seeds``, named
+    ``random@0.50-seed3`` when there are several, since one draw can be lucky). Full and streaming-only have no
+    retrieval cache to quantize, so they come once.
 
     ``min_retrieval_per_layer``: the gate methods keep at least that many retrieval heads in every layer
     (`sparsify_attention_heads`); a nonzero floor is named in the method, ``duo@0.50-floor1`` (a suffix that
     stays as it is in the heatmaps' file names), before any ``+int4``."""
     shape = (config.num_hidden_layers, config.num_key_value_heads)
-    gate_sources: dict[str, tuple[np.ndarray, str]] = {}
+    if not random_seeds or len(set(random_seeds)) != len(random_seeds):
+        raise ValueError(f"random_seeds must be distinct and at least one, got {list(random_seeds)}")
+    gate_sources: dict[str, list[tuple[np.ndarray, str, str]]] = {}  # kind: [(gates, source, name suffix)]
     for kind, path in (("duo", pattern), ("baseline", baseline_pattern)):
         if kind in kinds:
             if path is None:
                 raise PatternError(f"method {kind!r} needs a pattern directory")
-            gate_sources[kind] = (load_attn_pattern(path)[0], str(path))
-    gate_sources["random"] = (np.random.default_rng(seed).random(shape), f"seed {seed}")
+            gate_sources[kind] = [(load_attn_pattern(path)[0], str(path), "")]
+    several = len(random_seeds) > 1
+    gate_sources["random"] = [
+        (np.random.default_rng(seed).random(shape), f"seed {seed}", f"-seed{seed}" if several else "")
+        for seed in random_seeds
+    ]
     floor = min_retrieval_per_layer
     suffix = f"-floor{floor}" if floor else ""
     methods: list[Method] = []
@@ -378,14 +389,14 @@ def build_methods(
         elif kind in gate_sources:
             if not sparsities:
                 raise ValueError(f"method {kind!r} needs at least one sparsity")
-            gates, source = gate_sources[kind]
-            if gates.shape != shape:
-                raise PatternError(f"{source}: pattern has shape {gates.shape}, the model needs {shape}")
-            for sparsity in sparsities:
-                mask, _ = sparsify_attention_heads(gates, sparsity=sparsity, min_retrieval_per_layer=floor)
-                for kv in kv_quants:  # named by the sparsity asked for
-                    name = f"{kind}@{sparsity:.2f}" + suffix + (f"+{kv}" if kv else "")
-                    methods.append(Method(name, kind, mask, sink_size, recent_size, source, kv, floor))
+            for gates, source, draw in gate_sources[kind]:
+                if gates.shape != shape:
+                    raise PatternError(f"{source}: pattern has shape {gates.shape}, the model needs {shape}")
+                for sparsity in sparsities:
+                    mask, _ = sparsify_attention_heads(gates, sparsity=sparsity, min_retrieval_per_layer=floor)
+                    for kv in kv_quants:  # named by the sparsity asked for
+                        name = f"{kind}@{sparsity:.2f}" + suffix + draw + (f"+{kv}" if kv else "")
+                        methods.append(Method(name, kind, mask, sink_size, recent_size, source, kv, floor))
         else:
             raise ValueError(f"unknown method {kind!r}; expected one of {METHOD_KINDS}")
     return methods

@@ -170,6 +170,11 @@ FLOOR_HELP = (
     "method, e.g. duo@0.50-floor1"
 )
 
+RANDOM_SEEDS_HELP = (
+    "seeds of the random-head baseline: one random method per seed and sparsity, named random@0.50-seed3 when "
+    "there are several (one draw of heads can be lucky or unlucky)"
+)
+
 
 def floor_arg(text: str) -> int:
     """``--min-retrieval-per-layer`` values: a non-negative integer, checked as the flags are parsed (before any
@@ -193,7 +198,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, contexts: Sequence[
     parser.add_argument("--depths", type=float, nargs="+", default=list(depths), help="needle depths in [0, 1]")
     parser.add_argument("--sink", type=int, help="streaming sink size (default: the pattern's config, else 64)")
     parser.add_argument("--recent", type=int, help="streaming recent window (default: the pattern's config, else 256)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random-head baseline")
+    parser.add_argument("--random-seeds", type=int, nargs="+", default=[0], help=RANDOM_SEEDS_HELP)
     parser.add_argument("--chunk-size", type=int, default=1024, help="pre-fill chunk size (tokens)")
     parser.add_argument("--extra-new-tokens", type=int, default=8, help="greedy tokens decoded beyond the answer's")
     parser.add_argument("--kv-quant", type=kv_quant_arg, nargs="+", default=[None], metavar="KIND",
@@ -244,7 +249,7 @@ def run_and_report(
     sink, recent = window_sizes(pattern or baseline_pattern, args.sink, args.recent)
     methods = build_methods(
         model.config, kinds, sparsities=sparsities, sink_size=sink, recent_size=recent, pattern=pattern,
-        baseline_pattern=baseline_pattern, seed=args.seed, kv_quants=args.kv_quant,
+        baseline_pattern=baseline_pattern, random_seeds=args.random_seeds, kv_quants=args.kv_quant,
         min_retrieval_per_layer=args.min_retrieval_per_layer,
     )  # fmt: skip
     cells = make_cells(tokenizer, haystack_ids)

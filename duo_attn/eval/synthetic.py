@@ -42,7 +42,7 @@ from .harness import (
     has_chat_template,
     window_sizes,
 )
-from .report import FLOOR_HELP, floor_arg
+from .report import FLOOR_HELP, RANDOM_SEEDS_HELP, floor_arg
 
 SYNTHETIC_TASKS: tuple[str, ...] = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe")
 
@@ -333,13 +333,16 @@ def run_synthetic_suite(
     seed: int = 0,
     haystack: str | None = None,
     deadline: float | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[int, float]]:
     """Greedy-decode every task at every length; returns ``{task: {length: score}}`` with scores in 0-100.
 
     A score is the mean of :func:`string_match_all` over the samples, x100 and rounded to 2 decimals.
     ``max_new_tokens`` overrides the per-task budgets; ``chunk_size`` prefills prompts in chunks of that many tokens.
     ``deadline`` (a `time.perf_counter` value) stops the run before the next sample once passed; only the
-    (task, length) entries whose every sample was scored are returned.
+    (task, length) entries whose every sample was scored are returned. ``records`` receives one dict per sample
+    scored (task, length, index, prompt tokens, answers, prediction, score, seconds), so that methods can be compared
+    sample by sample.
     """
     unknown = [task for task in tasks if task not in SYNTHETIC_TASKS]
     if unknown:
@@ -351,12 +354,22 @@ def run_synthetic_suite(
         budget = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task]
         for length in lengths:
             total = 0.0
-            for sample in make_samples(task, tokenizer, length, n_samples, seed=seed, haystack=haystack):
+            for index, sample in enumerate(
+                make_samples(task, tokenizer, length, n_samples, seed=seed, haystack=haystack)
+            ):
                 if deadline is not None and time.perf_counter() >= deadline:
                     progress.close()
                     return results
+                started = time.perf_counter()
                 prediction = generate_greedy(model, tokenizer, sample.input_ids, budget, chunk_size=chunk_size)
-                total += sample.score(prediction)
+                score = sample.score(prediction)
+                total += score
+                if records is not None:
+                    records.append({
+                        "task": task, "length": length, "index": index, "prompt_tokens": len(sample.input_ids),
+                        "answers": sample.answers, "prediction": prediction, "score": score,
+                        "seconds": round(time.perf_counter() - started, 3),
+                    })  # fmt: skip
                 progress.update()
             results[task][length] = round(100 * total / n_samples, 2)
     progress.close()
@@ -406,6 +419,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-samples", type=int, default=5, help="samples per task and length")
     parser.add_argument("--chunk-size", type=int, default=1024, help="pre-fill chunk size (tokens)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated samples")
+    parser.add_argument("--random-seeds", type=int, nargs="+", default=[0], help=RANDOM_SEEDS_HELP)
     parser.add_argument("--output-dir", type=Path, default=Path("runs/synthetic"), help="where the report goes")
     parser.add_argument("--time-limit-minutes", type=float,
                         help="stop after this long (loading included) and report what was scored; lengths run in "
@@ -414,12 +428,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def write_synthetic_report(
-    output_dir: Path, config: dict[str, Any], methods: Sequence[Method], results: dict[str, dict[str, dict[int, float]]]
+    output_dir: Path,
+    config: dict[str, Any],
+    methods: Sequence[Method],
+    results: dict[str, dict[str, dict[int, float]]],
+    samples: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
-    """Write ``results.json`` (config, methods, scores) and ``summary.md`` (one table per method) and print the
-    tables; returns what results.json holds."""
+    """Write ``results.json`` (config, methods, scores, and each method's per-sample records when given) and
+    ``summary.md`` (one table per method) and print the tables; returns what results.json holds."""
     output_dir.mkdir(parents=True, exist_ok=True)
     report = {"config": config, "methods": [m.describe() for m in methods], "scores": results}
+    if samples is not None:
+        report["samples"] = samples
     (output_dir / "results.json").write_text(json.dumps(report, indent=1))
     tables = [
         f"## {name} ({m.retrieval_heads} retrieval heads)\n\n"
@@ -454,10 +474,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sink, recent = window_sizes(args.pattern or args.baseline_pattern, args.sink, args.recent)
     methods = build_methods(
         model.config, kinds, sparsities=args.sparsities, sink_size=sink, recent_size=recent, pattern=args.pattern,
-        baseline_pattern=args.baseline_pattern, seed=args.seed, min_retrieval_per_layer=args.min_retrieval_per_layer,
+        baseline_pattern=args.baseline_pattern, random_seeds=args.random_seeds,
+        min_retrieval_per_layer=args.min_retrieval_per_layer,
     )  # fmt: skip
     haystack = load_haystack(None)
     results: dict[str, dict[str, dict[int, float]]] = {m.name: {task: {} for task in args.tasks} for m in methods}
+    samples: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
     try:
         for length in args.lengths:  # every method at one length before the next: a cut-short run still compares
             for method in methods:
@@ -466,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 method.apply(model)
                 scores = run_synthetic_suite(
                     model, tokenizer, [length], args.tasks, args.n_samples, chunk_size=args.chunk_size,
-                    seed=args.seed, haystack=haystack, deadline=deadline,
+                    seed=args.seed, haystack=haystack, deadline=deadline, records=samples[method.name],
                 )  # fmt: skip
                 for task, by_length in scores.items():
                     results[method.name][task].update(by_length)
@@ -477,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     planned = len(methods) * len(args.tasks) * len(args.lengths)
     config = vars(args) | {"output_dir": str(args.output_dir), "total_seconds": time.perf_counter() - started,
                            "entries_planned": planned, "entries_done": done}  # fmt: skip
-    return write_synthetic_report(args.output_dir, config, methods, results)
+    return write_synthetic_report(args.output_dir, config, methods, results, samples)
 
 
 if __name__ == "__main__":
